@@ -102,11 +102,17 @@ def conv_transpose_output_size(
     ``output_padding`` picks among the several input sizes that a strided convolution maps to
     the same output size.
     """
-    return (size - 1) * stride - 2 * padding + dilated_kernel_size(kernel, dilation) + output_padding
+    extent = dilated_kernel_size(kernel, dilation)
+    return (size - 1) * stride - 2 * padding + extent + output_padding
 
 
 def conv_transpose2d_output_shape(
-    in_hw: Pair, kernel_size: Pair, stride: Pair, padding: Pair, output_padding: Pair, dilation: Pair
+    in_hw: Pair,
+    kernel_size: Pair,
+    stride: Pair,
+    padding: Pair,
+    output_padding: Pair,
+    dilation: Pair,
 ) -> Pair:
     """``(H_out, W_out)`` of a 2-D transposed convolution."""
     return tuple(  # type: ignore[return-value]
@@ -182,3 +188,93 @@ def unet_input_size_for_output(
     for _ in range(depth - 1):
         size = 2 * size + shrink
     return unet_valid_input_size(size, depth, convs_per_level=convs_per_level, kernel=kernel)
+
+
+# --- Kernel helpers ----------------------------------------------------------------------------
+
+
+def symmetric_padding(padding: Pair) -> Padding2d:
+    """``(ph, pw)`` -> ``((ph, ph), (pw, pw))``, the form in which every kernel takes padding."""
+    return ((padding[0], padding[0]), (padding[1], padding[1]))
+
+
+def padded_shape(in_hw: Pair, padding: Padding2d) -> Pair:
+    """``(H + top + bottom, W + left + right)``."""
+    return (in_hw[0] + sum(padding[0]), in_hw[1] + sum(padding[1]))
+
+
+def signal2d_mode_window(
+    image_shape: Pair, kernel_shape: Pair, mode: str, *, convolve: bool
+) -> tuple[slice, slice]:
+    """The part of the "full" 2-D convolution/correlation that a SciPy ``mode`` keeps.
+
+    The full result of an ``(H, W)`` image with a ``(kH, kW)`` kernel is
+    ``(H + kH - 1, W + kW - 1)``; along each axis:
+
+    * ``"full"``:  all of it.
+    * ``"same"``:  ``H`` entries starting at ``(kH - 1) // 2`` for a convolution and at
+      ``kH // 2`` for a correlation (SciPy's centring; the two differ for even kernels).
+    * ``"valid"``: the ``|H - kH| + 1`` positions where one array covers the other entirely,
+      starting at ``min(H, kH) - 1``. One array must be at least as large as the other in
+      *every* dimension, as in SciPy.
+    """
+    if mode not in ("full", "same", "valid"):
+        raise ValueError(f"mode must be 'full', 'same' or 'valid', got {mode!r}")
+    if mode == "valid":
+        image_covers = all(n >= k for n, k in zip(image_shape, kernel_shape, strict=True))
+        kernel_covers = all(k >= n for n, k in zip(image_shape, kernel_shape, strict=True))
+        if not (image_covers or kernel_covers):
+            raise ValueError(
+                "mode='valid' needs the image to be at least as large as the kernel in every "
+                f"dimension (or the other way round); got image {tuple(image_shape)} and "
+                f"kernel {tuple(kernel_shape)}"
+            )
+    windows = []
+    for n, k in zip(image_shape, kernel_shape, strict=True):
+        if mode == "full":
+            start, length = 0, n + k - 1
+        elif mode == "same":
+            start, length = ((k - 1) // 2 if convolve else k // 2), n
+        else:
+            start, length = min(n, k) - 1, abs(n - k) + 1
+        windows.append(slice(start, start + length))
+    return windows[0], windows[1]
+
+
+def unet_receptive_field(depth: int, *, convs_per_level: int = 2, kernel: int = 3) -> int:
+    """Edge length of the input region that one output pixel of a U-Net depends on.
+
+    Computed exactly by following, for every pixel of every feature map along one axis, the
+    first and last input index it depends on: a valid ``k``-tap convolution joins the
+    intervals of ``k`` neighbours, a 2x2 max-pool those of 2 neighbours, a 2x2/stride-2
+    up-convolution copies the interval of the pixel it comes from, and a crop-and-concat
+    takes the union of the skip's and the up-sampled map's intervals. Pooling makes the
+    region depend on an output pixel's position modulo ``2**(depth-1)``; the largest region
+    is returned. It is the same for ``padding="same"`` away from the image border.
+    """
+    size = unet_input_size_for_output(2 ** depth, depth, convs_per_level=convs_per_level,
+                                      kernel=kernel)
+    first, last = list(range(size)), list(range(size))
+
+    def convolve(first, last):
+        count = len(first) - kernel + 1
+        return first[:count], last[kernel - 1:]
+
+    skips = []
+    for _ in range(depth - 1):
+        for _ in range(convs_per_level):
+            first, last = convolve(first, last)
+        skips.append((first, last))
+        first, last = first[0::2], last[1::2]
+    for _ in range(convs_per_level):
+        first, last = convolve(first, last)
+    for skip_first, skip_last in reversed(skips):
+        first = [first[i // 2] for i in range(2 * len(first))]
+        last = [last[i // 2] for i in range(2 * len(last))]
+        start = (len(skip_first) - len(first)) // 2
+        window = slice(start, start + len(first))
+        first = [min(a, b) for a, b in zip(skip_first[window], first, strict=True)]
+        last = [max(a, b) for a, b in zip(skip_last[window], last, strict=True)]
+        for _ in range(convs_per_level):
+            first, last = convolve(first, last)
+    return max(b - a + 1 for a, b in zip(first, last, strict=True))

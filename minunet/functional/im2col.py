@@ -1,0 +1,86 @@
+"""im2col and col2im: a convolution as one matrix product.
+
+A convolution reads, for every output pixel ``(i, j)`` and kernel tap ``(a, b)``, the input
+pixel ``(i*s_h + a*d_h, j*s_w + b*d_w)`` of the padded input. :func:`im2col` copies these
+pixels into a matrix with one row per (channel, tap) and one column per output pixel,
+
+    cols[n, (c, a, b), (i, j)] = x_padded[n, c, i*s_h + a*d_h, j*s_w + b*d_w],
+
+so that the convolution becomes ``weight.reshape(C_out, C_in*kH*kW) @ cols``. Instead of
+looping over output pixels, both functions loop over the ``kH*kW`` taps: for a fixed tap the
+pixels it reads form one strided slice of the input (:func:`tap`).
+
+:func:`col2im` is the adjoint (transpose) of :func:`im2col`: it adds every entry of a column
+matrix back onto the pixel it was read from. Pixels read by several taps receive the sum,
+which is exactly what the chain rule asks of a gradient.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from minunet.functional._validate import ConvGeometry
+
+
+def tap(x, a: int, b: int, geometry: ConvGeometry):
+    """The strided view of the padded ``x`` (..., H_pad, W_pad) that kernel tap ``(a, b)``
+    reads at every output pixel: shape (..., H_out, W_out)."""
+    (sh, sw), (dh, dw), (h_out, w_out) = geometry.stride, geometry.dilation, geometry.out_hw
+    rows = slice(a * dh, a * dh + sh * (h_out - 1) + 1, sh)
+    cols = slice(b * dw, b * dw + sw * (w_out - 1) + 1, sw)
+    return x[..., rows, cols]
+
+
+def receptive_field(i: int, j: int, geometry: ConvGeometry) -> tuple[slice, slice]:
+    """The (rows, cols) slices of the padded input that output pixel ``(i, j)`` reads: its
+    ``kH x kW`` window, dilated. Where :func:`tap` fixes a tap and varies the output pixel,
+    this fixes the output pixel and varies the tap (the reference kernels loop this way)."""
+    (kh, kw), (sh, sw), (dh, dw) = geometry.kernel_size, geometry.stride, geometry.dilation
+    return (
+        slice(i * sh, i * sh + dh * (kh - 1) + 1, dh),
+        slice(j * sw, j * sw + dw * (kw - 1) + 1, dw),
+    )
+
+
+def pad2d(x, padding, value=0.0):
+    """Pad the last two axes by ``padding = ((top, bottom), (left, right))`` with ``value``.
+
+    Returns ``x`` itself (not a copy) when there is nothing to pad; callers never write to it.
+    """
+    if not any(padding[0] + padding[1]):
+        return x
+    return np.pad(x, ((0, 0), (0, 0), *padding), constant_values=value)
+
+
+def crop2d(x_padded, geometry: ConvGeometry):
+    """Undo :func:`pad2d`: the contiguous (N, C, H, W) interior of a padded array."""
+    (top, _), (left, _) = geometry.padding
+    h, w = geometry.in_hw
+    if x_padded.shape[2:] == (h, w):
+        return x_padded
+    return np.ascontiguousarray(x_padded[:, :, top : top + h, left : left + w])
+
+
+def im2col(x_padded, geometry: ConvGeometry):
+    """(N, C, H_pad, W_pad) -> cols (N, C*kH*kW, H_out*W_out), one contiguous copy."""
+    n, c = x_padded.shape[:2]
+    (kh, kw), (h_out, w_out) = geometry.kernel_size, geometry.out_hw
+    cols = np.empty((n, c, kh, kw, h_out, w_out), dtype=x_padded.dtype)
+    for a in range(kh):
+        for b in range(kw):
+            cols[:, :, a, b] = tap(x_padded, a, b, geometry)
+    return cols.reshape(n, c * kh * kw, h_out * w_out)
+
+
+def col2im(cols, geometry: ConvGeometry):
+    """cols (N, C*kH*kW, H_out*W_out) -> (N, C, H_pad, W_pad), the adjoint of :func:`im2col`:
+    ``x_padded[n, c, i*s_h + a*d_h, j*s_w + b*d_w] += cols[n, (c, a, b), (i, j)]``."""
+    (kh, kw), (h_out, w_out) = geometry.kernel_size, geometry.out_hw
+    n = cols.shape[0]
+    c = cols.shape[1] // (kh * kw)
+    cols = cols.reshape(n, c, kh, kw, h_out, w_out)
+    x_padded = np.zeros((n, c, *geometry.padded_hw), dtype=cols.dtype)
+    for a in range(kh):
+        for b in range(kw):
+            tap(x_padded, a, b, geometry)[...] += cols[:, :, a, b]
+    return x_padded

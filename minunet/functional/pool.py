@@ -1,0 +1,163 @@
+"""2-D max-pooling and its gradient.
+
+    out[n, c, i, j] = max_{a < kH, b < kW} x_pad[n, c, i*s_h + a, j*s_w + b]
+
+where ``x_pad`` is ``x`` padded with ``-inf`` (so padding never wins), and the output size is
+that of a convolution: ``H_out = floor((H + 2*p_h - kH) / s_h) + 1``.
+
+**Tie rule.** The gradient of a maximum flows to the input that produced it. When several
+pixels of a window share the maximum, the *first* of them in row-major window order
+(smallest ``a``, then smallest ``b``) receives the whole gradient, and the others none. This
+is what PyTorch's CPU kernel does; it keeps the gradient's total equal to ``grad_out``'s.
+Inputs are assumed to be free of NaN.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from minunet.functional._dispatch import dispatch_on_array_type
+from minunet.functional._validate import (
+    ConvGeometry,
+    check_grad_out,
+    max_pool2d_arguments,
+)
+from minunet.functional.im2col import crop2d, pad2d, receptive_field, tap
+
+# --- Reference kernels ----------------------------------------------------------------------
+
+
+def max_pool2d_reference(x, kernel_size, stride=None, padding=0):
+    """Max-pooling with explicit loops: x (N, C, H, W) -> (N, C, H_out, W_out),
+    ``out[n, c, i, j] = max(x_pad[n, c, window(i, j)])``. Arguments as :func:`max_pool2d`."""
+    geometry = max_pool2d_arguments(x, kernel_size, stride, padding)
+    x_pad = pad2d(x, geometry.padding, -np.inf)
+    out = np.empty((*x.shape[:2], *geometry.out_hw), dtype=x.dtype)
+    for n in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            for i in range(geometry.out_hw[0]):
+                for j in range(geometry.out_hw[1]):
+                    rows, cols = receptive_field(i, j, geometry)
+                    out[n, c, i, j] = x_pad[n, c, rows, cols].max()
+    return out
+
+
+def max_pool2d_backward_reference(grad_out, x, kernel_size, stride=None, padding=0):
+    """Gradient of :func:`max_pool2d_reference`: grad_out (N, C, H_out, W_out) -> grad_x
+    (N, C, H, W). Each window's gradient goes to its first maximum (``np.argmax`` returns the
+    first one in row-major order)."""
+    geometry = max_pool2d_arguments(x, kernel_size, stride, padding)
+    check_grad_out(grad_out, (*x.shape[:2], *geometry.out_hw), x)
+    x_pad = pad2d(x, geometry.padding, -np.inf)
+    grad_x_pad = np.zeros_like(x_pad)
+    for n in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            for i in range(geometry.out_hw[0]):
+                for j in range(geometry.out_hw[1]):
+                    rows, cols = receptive_field(i, j, geometry)
+                    window = x_pad[n, c, rows, cols]
+                    a, b = np.unravel_index(np.argmax(window), window.shape)
+                    grad_x_pad[n, c, rows.start + a, cols.start + b] += grad_out[n, c, i, j]
+    return crop2d(grad_x_pad, geometry)
+
+
+# --- Fast kernels: a loop over the kH*kW taps of the window ---------------------------------
+
+
+def _taps(geometry: ConvGeometry):
+    """Kernel taps ``(a, b)`` in row-major window order, the order of the tie rule."""
+    kh, kw = geometry.kernel_size
+    return [(a, b) for a in range(kh) for b in range(kw)]
+
+
+def _pool(x_pad, geometry: ConvGeometry):
+    """Running maximum over the taps: (N, C, H_pad, W_pad) -> (N, C, H_out, W_out)."""
+    first, *rest = _taps(geometry)
+    out = tap(x_pad, *first, geometry).copy()
+    for a, b in rest:
+        np.maximum(out, tap(x_pad, a, b, geometry), out=out)
+    return out
+
+
+def _winning_tap(x_pad, out, geometry: ConvGeometry):
+    """Index ``a*kW + b`` of the first tap of each window that equals its maximum."""
+    winner = np.full(out.shape, -1, dtype=np.int64)
+    for index, (a, b) in enumerate(_taps(geometry)):
+        winner[(winner < 0) & (tap(x_pad, a, b, geometry) == out)] = index
+    return winner
+
+
+def _flat_indices(winner, geometry: ConvGeometry):
+    """Tap indices -> PyTorch's indices: flat positions ``row*W + col`` in the unpadded input."""
+    (sh, sw), ((top, _), (left, _)) = geometry.stride, geometry.padding
+    (h_out, w_out), width = geometry.out_hw, geometry.in_hw[1]
+    a, b = np.divmod(winner, geometry.kernel_size[1])
+    rows = np.arange(h_out)[:, None] * sh + a - top
+    cols = np.arange(w_out)[None, :] * sw + b - left
+    return rows * width + cols
+
+
+@dispatch_on_array_type
+def max_pool2d(x, kernel_size, stride=None, padding=0, return_indices=False):
+    """2-D max-pooling (PyTorch's ``max_pool2d``, floor mode).
+
+    Args:
+        x: (N, C, H, W), float32 or float64.
+        kernel_size: int or (rows, cols).
+        stride: int or (rows, cols); ``None`` (default) means ``kernel_size``.
+        padding: int or (rows, cols), at most half the kernel; pads with ``-inf``.
+        return_indices: also return, for every output pixel, the flat position
+            ``row*W + col`` in ``x`` of the pixel that won (first maximum in row-major
+            window order), as PyTorch does; pass them to :func:`max_pool2d_backward` to skip
+            recomputing the maxima.
+
+    Returns:
+        out (N, C, H_out, W_out) with ``H_out = floor((H + 2*p_h - kH) / s_h) + 1``, and
+        ``indices`` (int64, same shape) when ``return_indices`` is true.
+    """
+    geometry = max_pool2d_arguments(x, kernel_size, stride, padding)
+    x_pad = pad2d(x, geometry.padding, -np.inf)
+    out = _pool(x_pad, geometry)
+    if not return_indices:
+        return out
+    return out, _flat_indices(_winning_tap(x_pad, out, geometry), geometry)
+
+
+@dispatch_on_array_type
+def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0, indices=None):
+    """Gradient of :func:`max_pool2d`: grad_out (N, C, H_out, W_out) -> grad_x (N, C, H, W).
+
+    Each window's upstream gradient goes entirely to its first maximum in row-major window
+    order (the tie rule of the module docstring); a pixel that wins several overlapping
+    windows receives the sum. ``indices``, as returned by ``max_pool2d(...,
+    return_indices=True)``, saves recomputing the winners.
+    """
+    geometry = max_pool2d_arguments(x, kernel_size, stride, padding)
+    check_grad_out(grad_out, (*x.shape[:2], *geometry.out_hw), x)
+    if indices is not None:
+        return _scatter_to_indices(grad_out, indices, x.shape, geometry)
+    x_pad = pad2d(x, geometry.padding, -np.inf)
+    winner = _winning_tap(x_pad, _pool(x_pad, geometry), geometry)
+    grad_x_pad = np.zeros_like(x_pad)
+    for index, (a, b) in enumerate(_taps(geometry)):
+        tap(grad_x_pad, a, b, geometry)[...] += np.where(winner == index, grad_out, 0)
+    return crop2d(grad_x_pad, geometry)
+
+
+def _scatter_to_indices(grad_out, indices, x_shape, geometry: ConvGeometry):
+    """grad_x[n, c].flat[indices[n, c, i, j]] += grad_out[n, c, i, j]."""
+    if tuple(indices.shape) != tuple(grad_out.shape) or indices.dtype.kind not in "iu":
+        raise ValueError(
+            f"indices must be the integer array returned by max_pool2d(..., "
+            f"return_indices=True), of shape {tuple(grad_out.shape)}; got "
+            f"{indices.dtype} of shape {tuple(indices.shape)}"
+        )
+    planes = x_shape[0] * x_shape[1]
+    grad_x = np.zeros((planes, x_shape[2] * x_shape[3]), dtype=grad_out.dtype)
+    flat_indices, flat_grad = indices.reshape(planes, -1), grad_out.reshape(planes, -1)
+    windows_overlap = any(s < k for s, k in zip(geometry.stride, geometry.kernel_size, strict=True))
+    if windows_overlap:  # a pixel may win several windows: accumulate
+        np.add.at(grad_x, (np.arange(planes)[:, None], flat_indices), flat_grad)
+    else:  # every pixel wins at most one window: a plain assignment
+        np.put_along_axis(grad_x, flat_indices, flat_grad, axis=1)
+    return grad_x.reshape(x_shape)
