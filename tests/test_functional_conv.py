@@ -1,0 +1,296 @@
+"""conv2d and conv_transpose2d (fast and reference) against PyTorch, forward and backward.
+
+Each test draws a random configuration from a seeded generator (the seed is in the test id,
+so a failure can be replayed): non-square kernels, unequal strides, paddings and dilations,
+odd sizes, several images and channels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minunet.functional as mf
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")  # torch's perf. note
+
+TOLERANCE = {np.float64: 1e-10, np.float32: 1e-4}  # relative to the largest magnitude
+
+
+def assert_close(actual, expected, dtype, what):
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {np.dtype(dtype)}"
+    scale = max(np.abs(expected).max(), 1e-30)
+    error = np.abs(actual.astype(np.float64) - expected).max() / scale
+    assert error < TOLERANCE[dtype], f"{what}: relative error {error:.2e}"
+
+
+def torch_forward_backward(op, x, weight, bias, grad_out_seed, **kwargs):
+    """Output and gradients of a torch op in float64, for a random upstream gradient."""
+    tensors = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, weight, bias)]
+    out = op(*tensors, **kwargs)
+    grad_out = np.random.default_rng(grad_out_seed).standard_normal(tuple(out.shape))
+    out.backward(torch.tensor(grad_out))
+    return out.detach().numpy(), grad_out, [t.grad.numpy() for t in tensors]
+
+
+# --- Random configurations ------------------------------------------------------------------
+
+
+def random_conv_case(seed, *, small):
+    """A conv2d configuration that PyTorch accepts, and the torch padding argument."""
+    rng = np.random.default_rng(seed)
+    kernel = tuple(int(k) for k in rng.integers(1, 5, 2))
+    dilation = tuple(int(d) for d in rng.integers(1, 4, 2))
+    choice = rng.integers(5)
+    if choice == 0:
+        padding, stride = "same", (1, 1)
+    else:
+        stride = tuple(int(s) for s in rng.integers(1, 4, 2))
+        if choice == 1:
+            padding = "valid"
+        elif choice == 2:
+            padding = "full"
+        else:
+            padding = tuple(int(p) for p in rng.integers(0, 4, 2))
+    extent = [d * (k - 1) + 1 for k, d in zip(kernel, dilation, strict=True)]
+    size = tuple(int(e + rng.integers(0, 6 if small else 12)) for e in extent)
+    n, c_in, c_out = (int(v) for v in rng.integers(1, 4 if small else 5, 3))
+    x = rng.standard_normal((n, c_in, *size))
+    weight = rng.standard_normal((c_out, c_in, *kernel))
+    bias = rng.standard_normal(c_out)
+    torch_padding = padding
+    if padding == "full":
+        torch_padding = tuple(d * (k - 1) for k, d in zip(kernel, dilation, strict=True))
+    kwargs = {"stride": stride, "padding": padding, "dilation": dilation}
+    return x, weight, bias, kwargs, torch_padding
+
+
+def random_conv_transpose_case(seed, *, small):
+    rng = np.random.default_rng(seed)
+    kernel = tuple(int(k) for k in rng.integers(1, 5, 2))
+    stride = tuple(int(s) for s in rng.integers(1, 4, 2))
+    dilation = tuple(int(d) for d in rng.integers(1, 4, 2))
+    output_padding = tuple(
+        int(rng.integers(0, max(s, d))) for s, d in zip(stride, dilation, strict=True)
+    )
+    size = tuple(int(v) for v in rng.integers(1, 6 if small else 10, 2))
+    # padding may crop at most what the output has beyond one pixel
+    padding = tuple(
+        int(rng.integers(0, 1 + min(3, ((n - 1) * s + d * (k - 1) + op) // 2)))
+        for n, s, d, k, op in zip(size, stride, dilation, kernel, output_padding, strict=True)
+    )
+    n, c_in, c_out = (int(v) for v in rng.integers(1, 4 if small else 5, 3))
+    x = rng.standard_normal((n, c_in, *size))
+    weight = rng.standard_normal((c_in, c_out, *kernel))
+    bias = rng.standard_normal(c_out)
+    kwargs = {
+        "stride": stride, "padding": padding, "output_padding": output_padding,
+        "dilation": dilation,
+    }
+    return x, weight, bias, kwargs
+
+
+FAST = (mf.conv2d, mf.conv2d_backward)
+REFERENCE = (mf.conv2d_reference, mf.conv2d_backward_reference)
+FAST_T = (mf.conv_transpose2d, mf.conv_transpose2d_backward)
+REFERENCE_T = (mf.conv_transpose2d_reference, mf.conv_transpose2d_backward_reference)
+
+
+def check_against_torch(forward, backward, dtype, x, weight, bias, kwargs, torch_out, grad_out,
+                        torch_grads):
+    x, weight, bias, grad_out = (a.astype(dtype) for a in (x, weight, bias, grad_out))
+    assert_close(forward(x, weight, bias, **kwargs), torch_out, dtype, "forward")
+    for name, actual, expected in zip(
+        ("grad_x", "grad_weight", "grad_bias"),
+        backward(grad_out, x, weight, **kwargs),
+        torch_grads,
+        strict=True,
+    ):
+        assert_close(actual, expected, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("seed", range(40))
+def test_conv2d_fast_matches_torch(seed, dtype):
+    x, weight, bias, kwargs, torch_padding = random_conv_case(seed, small=False)
+    torch_out, grad_out, grads = torch_forward_backward(
+        F.conv2d, x, weight, bias, seed, **{**kwargs, "padding": torch_padding}
+    )
+    check_against_torch(*FAST, dtype, x, weight, bias, kwargs, torch_out, grad_out, grads)
+
+
+@pytest.mark.parametrize("seed", range(100, 120))
+def test_conv2d_reference_matches_torch(seed):
+    x, weight, bias, kwargs, torch_padding = random_conv_case(seed, small=True)
+    torch_out, grad_out, grads = torch_forward_backward(
+        F.conv2d, x, weight, bias, seed, **{**kwargs, "padding": torch_padding}
+    )
+    check_against_torch(*REFERENCE, np.float64, x, weight, bias, kwargs, torch_out, grad_out,
+                        grads)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("seed", range(40))
+def test_conv_transpose2d_fast_matches_torch(seed, dtype):
+    x, weight, bias, kwargs = random_conv_transpose_case(seed, small=False)
+    torch_out, grad_out, grads = torch_forward_backward(
+        F.conv_transpose2d, x, weight, bias, seed, **kwargs
+    )
+    check_against_torch(*FAST_T, dtype, x, weight, bias, kwargs, torch_out, grad_out, grads)
+
+
+@pytest.mark.parametrize("seed", range(100, 120))
+def test_conv_transpose2d_reference_matches_torch(seed):
+    x, weight, bias, kwargs = random_conv_transpose_case(seed, small=True)
+    torch_out, grad_out, grads = torch_forward_backward(
+        F.conv_transpose2d, x, weight, bias, seed, **kwargs
+    )
+    check_against_torch(*REFERENCE_T, np.float64, x, weight, bias, kwargs, torch_out, grad_out,
+                        grads)
+
+
+@pytest.mark.parametrize("seed", range(200, 215))
+def test_fast_and_reference_agree(seed):
+    x, weight, bias, kwargs, _ = random_conv_case(seed, small=True)
+    out = mf.conv2d(x, weight, bias, **kwargs)
+    np.testing.assert_allclose(out, mf.conv2d_reference(x, weight, bias, **kwargs), rtol=1e-10,
+                               atol=1e-10)
+    grad_out = np.random.default_rng(seed).standard_normal(out.shape)
+    for fast, reference in zip(
+        mf.conv2d_backward(grad_out, x, weight, **kwargs),
+        mf.conv2d_backward_reference(grad_out, x, weight, **kwargs),
+        strict=True,
+    ):
+        np.testing.assert_allclose(fast, reference, rtol=1e-10, atol=1e-10)
+
+    x, weight, bias, kwargs = random_conv_transpose_case(seed, small=True)
+    out = mf.conv_transpose2d(x, weight, bias, **kwargs)
+    np.testing.assert_allclose(out, mf.conv_transpose2d_reference(x, weight, bias, **kwargs),
+                               rtol=1e-10, atol=1e-10)
+    grad_out = np.random.default_rng(seed).standard_normal(out.shape)
+    for fast, reference in zip(
+        mf.conv_transpose2d_backward(grad_out, x, weight, **kwargs),
+        mf.conv_transpose2d_backward_reference(grad_out, x, weight, **kwargs),
+        strict=True,
+    ):
+        np.testing.assert_allclose(fast, reference, rtol=1e-10, atol=1e-10)
+
+
+# --- The U-Net's own shapes -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("op", "weight_shape", "kwargs"),
+    [
+        (F.conv2d, (8, 4, 3, 3), {}),  # 3x3 valid convolution
+        (F.conv2d, (3, 8, 1, 1), {}),  # 1x1 classifier
+        (F.conv2d, (8, 4, 3, 3), {"padding": "same"}),
+        (F.conv_transpose2d, (8, 4, 2, 2), {"stride": 2}),  # 2x2 up-convolution
+    ],
+)
+def test_unet_layers_float32(op, weight_shape, kwargs, rng):
+    c_in = weight_shape[0] if op is F.conv_transpose2d else weight_shape[1]
+    c_out = weight_shape[1] if op is F.conv_transpose2d else weight_shape[0]
+    x, weight, bias = (rng.standard_normal(s) for s in ((2, c_in, 20, 18), weight_shape, (c_out,)))
+    forward, backward = FAST_T if op is F.conv_transpose2d else FAST
+    torch_out, grad_out, grads = torch_forward_backward(op, x, weight, bias, 0, **kwargs)
+    check_against_torch(forward, backward, np.float32, x, weight, bias, kwargs, torch_out,
+                        grad_out, grads)
+
+
+# --- The transposed convolution is the convolution's input gradient -------------------------
+
+
+def transposable_conv_case(seed):
+    """A random convolution whose input size a transposed convolution can produce.
+
+    Returns x, weight, the conv2d kwargs and the matching ``output_padding``. Padding is
+    numeric (transposed convolutions take no strings) and at most half the kernel's extent,
+    so that no padded row is all the convolution sees.
+    """
+    x, weight, _, kwargs, _ = random_conv_case(seed, small=True)
+    padding = (0, 0) if isinstance(kwargs["padding"], str) else kwargs["padding"]
+    kwargs["padding"] = tuple(
+        min(p, d * (k - 1) // 2)
+        for p, d, k in zip(padding, kwargs["dilation"], weight.shape[2:], strict=True)
+    )
+    # A strided convolution may never read the last rows of x; output_padding restores them
+    # when it may (it must be smaller than stride or dilation), else we trim them off x.
+    unread = [
+        (n + 2 * p - d * (k - 1) - 1) % s
+        for n, p, d, k, s in zip(x.shape[2:], kwargs["padding"], kwargs["dilation"],
+                                 weight.shape[2:], kwargs["stride"], strict=True)
+    ]
+    allowed = [r < max(s, d) for r, s, d in zip(unread, kwargs["stride"], kwargs["dilation"],
+                                                strict=True)]
+    output_padding = tuple(r if ok else 0 for r, ok in zip(unread, allowed, strict=True))
+    h, w = (n - (0 if ok else r) for n, r, ok in zip(x.shape[2:], unread, allowed, strict=True))
+    return x[:, :, :h, :w], weight, kwargs, output_padding
+
+
+@pytest.mark.parametrize("seed", range(300, 310))
+def test_transposed_convolution_is_the_input_gradient(seed):
+    """conv_transpose2d(g, w) = grad_x of conv2d, and conv_transpose2d's grad_x = conv2d."""
+    x, weight, kwargs, output_padding = transposable_conv_case(seed)
+    out = mf.conv2d(x, weight, **kwargs)
+    grad_out = np.random.default_rng(seed).standard_normal(out.shape)
+    grad_x, _, _ = mf.conv2d_backward(grad_out, x, weight, **kwargs)
+    transposed = mf.conv_transpose2d(grad_out, weight, output_padding=output_padding, **kwargs)
+    np.testing.assert_allclose(transposed, grad_x, rtol=1e-12, atol=1e-12)
+
+    grad_of_transposed, _, _ = mf.conv_transpose2d_backward(
+        x, grad_out, weight, output_padding=output_padding, **kwargs
+    )
+    np.testing.assert_allclose(grad_of_transposed, out, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(310, 320))
+def test_convolution_and_transpose_are_adjoint(seed):
+    """<conv2d(x, w), y> = <x, conv_transpose2d(y, w)>: the defining property of a transpose."""
+    x, weight, kwargs, output_padding = transposable_conv_case(seed)
+    out = mf.conv2d(x, weight, **kwargs)
+    y = np.random.default_rng(seed).standard_normal(out.shape)
+    back = mf.conv_transpose2d(y, weight, output_padding=output_padding, **kwargs)
+    assert np.vdot(out, y) == pytest.approx(np.vdot(x, back), rel=1e-10)
+
+
+def test_im2col_and_col2im_are_adjoint(rng):
+    x, weight, _, kwargs, _ = random_conv_case(7, small=True)
+    from minunet.functional._validate import conv2d_arguments
+
+    geometry = conv2d_arguments(x, weight, None, **kwargs)
+    x_pad = rng.standard_normal((x.shape[0], x.shape[1], *geometry.padded_hw))
+    cols = mf.im2col(x_pad, geometry)
+    other = rng.standard_normal(cols.shape)
+    assert np.vdot(cols, other) == pytest.approx(np.vdot(x_pad, mf.col2im(other, geometry)),
+                                                 rel=1e-12)
+
+
+# --- Contracts: dtype kept, inputs untouched ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("forward", "backward", "weight_shape", "kwargs"),
+    [
+        (*FAST, (4, 3, 3, 2), {"stride": 2, "padding": (1, 2)}),
+        (*REFERENCE, (4, 3, 3, 2), {"stride": 2, "padding": (1, 2)}),
+        (*FAST_T, (3, 4, 3, 2), {"stride": 2, "padding": 1, "output_padding": 1}),
+        (*REFERENCE_T, (3, 4, 3, 2), {"stride": 2, "padding": 1, "output_padding": 1}),
+    ],
+)
+def test_inputs_are_not_modified(forward, backward, weight_shape, kwargs, rng):
+    x = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
+    weight = rng.standard_normal(weight_shape).astype(np.float32)
+    bias = rng.standard_normal(4).astype(np.float32)
+    originals = [a.copy() for a in (x, weight, bias)]
+    out = forward(x, weight, bias, **kwargs)
+    grad_out = rng.standard_normal(out.shape).astype(np.float32)
+    grad_copy = grad_out.copy()
+    grads = backward(grad_out, x, weight, **kwargs)
+    for original, array in zip(originals + [grad_copy], (x, weight, bias, grad_out), strict=True):
+        np.testing.assert_array_equal(original, array)
+    assert all(g.dtype == np.float32 for g in (out, *grads))
