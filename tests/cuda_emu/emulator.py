@@ -1,0 +1,199 @@
+"""Compile the kernel files with g++ and the emulation header, and launch them from Python.
+
+:class:`EmulatedRunner` stands in for :class:`minunet.cuda.ops.CupyRunner`: the functions of
+:mod:`minunet.cuda.ops` take ``runner=...``, so the tests run the SAME host code (sizes,
+grids, argument lists, the composition of passes) and the SAME kernels as on a GPU, with
+NumPy arrays standing in for GPU memory.
+
+Two things a GPU would punish are checked on every launch:
+
+* every argument must have the exact C type of its parameter (``numpy.int32`` for ``int``,
+  the array's float type for ``scalar_t``): CuPy passes a Python ``int`` as a 64-bit integer,
+  which a kernel taking ``int`` would misread;
+* arrays made by the runner are surrounded by guard bytes that read as NaN (and as -1 for
+  int32) and are checked after every launch, so a kernel that writes past an array fails and
+  one that reads past it returns NaN. New arrays start as NaN too, so an element that a
+  kernel forgets to write shows up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+from minunet import cuda
+
+HEADER = Path(__file__).resolve().parent / "cuda_emu.h"
+GUARD_BYTES = 64
+GUARD_FILL = 0xFF  # all-ones bytes: NaN as float32/float64, -1 as int32
+COMPILE_FLAGS = ("-std=c++20", "-O1", "-pthread", "-shared", "-fPIC")
+
+_C_TYPES = {"i": (np.int32, ctypes.c_int), "f": (np.float32, ctypes.c_float),
+            "d": (np.float64, ctypes.c_double)}
+
+
+def compiler() -> str | None:
+    """Path of g++, or ``None`` when it is not installed."""
+    return shutil.which("g++")
+
+
+class EmulationError(RuntimeError):
+    """A launch that a GPU would refuse, or a kernel that misbehaved (the message says which)."""
+
+
+class EmulatedKernel:
+    """One kernel of a compiled file, called like ``cupy.RawKernel``: ``k(grid, block, args)``."""
+
+    def __init__(self, library: ctypes.CDLL, name: str, after_launch):
+        self.name = name
+        self._launch = getattr(library, f"emu_launch_{name}")
+        self._launch.argtypes = [ctypes.POINTER(ctypes.c_uint)] * 2 + [
+            ctypes.POINTER(ctypes.c_void_p)
+        ]
+        self._launch.restype = ctypes.c_int
+        signature = getattr(library, f"emu_signature_{name}")
+        signature.restype = ctypes.c_char_p
+        self.signature = signature().decode()  # one letter per parameter: p, i, f or d
+        self._error_message = library.emu_error_message
+        self._error_message.restype = ctypes.c_char_p
+        self._after_launch = after_launch
+
+    def _pack(self, args) -> list:
+        """One ctypes value per argument, after checking it against the kernel's signature."""
+        if len(args) != len(self.signature):
+            raise EmulationError(
+                f"{self.name} takes {len(self.signature)} arguments, got {len(args)}"
+            )
+        values = []
+        for position, (code, arg) in enumerate(zip(self.signature, args, strict=True)):
+            if code == "p":
+                if not isinstance(arg, np.ndarray) or not arg.flags.c_contiguous:
+                    raise EmulationError(
+                        f"{self.name}: argument {position} must be a C-contiguous array, "
+                        f"got {type(arg).__name__}"
+                    )
+                values.append(ctypes.c_void_p(arg.ctypes.data))
+                continue
+            numpy_type, c_type = _C_TYPES[code]
+            if type(arg) is not numpy_type:
+                raise EmulationError(
+                    f"{self.name}: argument {position} must be numpy.{numpy_type.__name__}, "
+                    f"got {type(arg).__name__} (a GPU would misread it)"
+                )
+            values.append(c_type(arg))
+        return values
+
+    def __call__(self, grid, block, args) -> None:
+        grid = (*grid, 1, 1)[:3]
+        block = (*block, 1, 1)[:3]
+        values = self._pack(args)
+        pointers = (ctypes.c_void_p * len(values))(
+            *[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values]
+        )
+        status = self._launch((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), pointers)
+        if status != 0:
+            raise EmulationError(f"{self.name}: {self._error_message().decode()}")
+        self._after_launch(self.name)
+
+
+def build(files, dtype, directory: Path, defines=()) -> Path:
+    """Compile the kernel ``files`` for ``dtype`` into one shared library in ``directory``.
+
+    ``defines`` are extra preprocessor names (e.g. ``"MINUNET_OMIT_SYNC"``). One translation
+    unit holds all files (they are self-contained and share no names), which compiles much
+    faster than one library per file. Raises :class:`EmulationError` with g++'s messages if
+    compilation fails.
+    """
+    scalar = cuda.scalar_type(dtype)
+    stem = "_".join(["kernels", scalar, *defines])
+    lines = [f'#include "{HEADER}"']
+    for file in files:
+        copy = directory / file  # the package's source, wherever the package is installed
+        copy.write_text(cuda.source(file), encoding="utf-8")
+        lines.append(f'#include "{copy}"')
+    lines += [f"EMU_EXPORT_KERNEL({name})" for file in files for name in cuda.kernel_names(file)]
+    harness = directory / f"{stem}.cpp"
+    harness.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    library = directory / f"lib{stem}.so"
+    command = [compiler() or "g++", *COMPILE_FLAGS, f"-DMINUNET_SCALAR={scalar}",
+               *[f"-D{d}" for d in defines], str(harness), "-o", str(library)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise EmulationError(f"g++ could not compile {', '.join(files)}:\n{result.stderr}")
+    return library
+
+
+class EmulatedRunner:
+    """Executes :mod:`minunet.cuda.ops` on the CPU (the ``runner`` argument of every op).
+
+    The kernel ``files`` (all of them by default) are built on first use, into one library
+    per dtype in ``directory`` (which must be private to this runner); ``defines`` go to every
+    compilation. ``launched`` counts the launches of each kernel.
+    """
+
+    xp = np
+
+    def __init__(self, directory: Path, defines=(), files=cuda.KERNEL_FILES):
+        self.directory = Path(directory)
+        self.defines = tuple(defines)
+        self.files = tuple(files)
+        self.launched: dict[str, int] = {}
+        self._kernels: dict[tuple, EmulatedKernel] = {}
+        self._libraries: dict[str, ctypes.CDLL] = {}
+        self._guarded: list[weakref.ref] = []
+
+    def library(self, dtype) -> ctypes.CDLL:
+        """The compiled kernels for ``dtype`` (built on the first call)."""
+        name = np.dtype(dtype).name
+        if name not in self._libraries:
+            path = build(self.files, dtype, self.directory, self.defines)
+            self._libraries[name] = ctypes.CDLL(str(path))
+        return self._libraries[name]
+
+    def kernel(self, file: str, name: str, dtype) -> EmulatedKernel:
+        if file not in self.files:
+            raise EmulationError(f"{file} is not among the files of this runner {self.files}")
+        key = (name, np.dtype(dtype).name)
+        if key not in self._kernels:
+            self._kernels[key] = EmulatedKernel(self.library(dtype), name, self._after_launch)
+        return self._kernels[key]
+
+    def empty(self, shape, dtype) -> np.ndarray:
+        """A new array with NaN (or -1) in every element and in guard bytes on both sides."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        memory = np.full(nbytes + 2 * GUARD_BYTES, GUARD_FILL, dtype=np.uint8)
+        self._guarded.append(weakref.ref(memory))
+        return memory[GUARD_BYTES:GUARD_BYTES + nbytes].view(dtype).reshape(shape)
+
+    def zeros(self, shape, dtype) -> np.ndarray:
+        array = self.empty(shape, dtype)
+        array[...] = 0
+        return array
+
+    def contiguous(self, x) -> np.ndarray:
+        """``x`` itself if the runner made it, else a guarded copy (like a host-to-GPU copy)."""
+        owner = x.base if isinstance(x, np.ndarray) else None  # NumPy views name the owner
+        if owner is not None and x.flags.c_contiguous and \
+                any(ref() is owner for ref in self._guarded):
+            return x
+        copy = self.empty(np.shape(x), np.asarray(x).dtype)
+        copy[...] = x
+        return copy
+
+    def _after_launch(self, name: str) -> None:
+        self.launched[name] = self.launched.get(name, 0) + 1
+        alive = [ref for ref in self._guarded if ref() is not None]
+        self._guarded = alive
+        for ref in alive:
+            memory = ref()
+            if memory is None:
+                continue
+            guards = np.concatenate([memory[:GUARD_BYTES], memory[-GUARD_BYTES:]])
+            if (guards != GUARD_FILL).any():
+                raise EmulationError(f"{name} wrote outside an array (a guard byte changed)")
