@@ -61,6 +61,11 @@ def toc_files() -> list[str]:
     return files
 
 
+def is_notebook(file: str) -> bool:
+    """True for chapters that are executed notebooks (they have a jupytext header)."""
+    return "\nkernelspec:" in (ROOT / f"{file}.md").read_text()
+
+
 def source_title(file: str) -> str:
     """The text of the first level-1 heading of a chapter's Markdown source."""
     text = (ROOT / f"{file}.md").read_text()
@@ -68,6 +73,13 @@ def source_title(file: str) -> str:
     match = re.search(r"^# (.+)$", body, flags=re.M)
     assert match, f"{file}.md has no level-1 heading"
     return match.group(1).strip()
+
+
+def normalise(text: str) -> str:
+    """Collapse whitespace and undo the typographic quotes that Sphinx puts in headings."""
+    straight = text.translate(str.maketrans({"\u2018": "'", "\u2019": "'",
+                                             "\u201c": '"', "\u201d": '"'}))
+    return " ".join(straight.split())
 
 
 class _PageParser(HTMLParser):
@@ -165,12 +177,14 @@ def test_page_loads_with_title_and_figures(file, browser, tmp_path):
 
     assert 'data-measured="yes"' in dom, "the page did not finish loading in the browser"
     parsed = parse(dom)
-    headings = [" ".join(t.split()) for t in parsed.h1_text]
-    plain_title = " ".join(html.unescape(re.sub(r"[`*]", "", title)).split())
+    headings = [normalise(t) for t in parsed.h1_text]
+    plain_title = normalise(html.unescape(re.sub(r"[`*]", "", title)))
     assert any(plain_title in h for h in headings), (
         f"title {plain_title!r} not among the page's headings {headings}"
     )
     figures = [img for img in parsed.images if "data-layout" in img]
+    if is_notebook(file):
+        assert figures, f"{file} is an executed chapter but shows no figure"
     for img in figures:
         natural = tuple(int(v) for v in img["data-natural"].split("x"))
         layout = tuple(int(v) for v in img["data-layout"].split("x"))
