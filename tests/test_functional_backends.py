@@ -1,0 +1,105 @@
+"""One test body for both array libraries: the public kernels on NumPy arrays, and (on a
+machine with an NVIDIA GPU) on CuPy arrays, which they forward to ``minunet.cuda.ops``.
+Results are compared with the NumPy loop references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import minunet.functional as mf
+from minunet.backend import to_device, to_numpy
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def device(request):
+    return request.param
+
+
+def run_on(device, function, *args, **kwargs):
+    """Call ``function`` with the array arguments moved to ``device``; results to NumPy."""
+    moved = [to_device(a, device) if isinstance(a, np.ndarray) else a for a in args]
+    result = function(*moved, **kwargs)
+    if isinstance(result, tuple):
+        return tuple(to_numpy(r) for r in result)
+    return to_numpy(result)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_conv2d_forward_and_backward(device, dtype, rng):
+    x, weight, bias = (rng.standard_normal(s).astype(dtype)
+                       for s in ((2, 3, 9, 8), (4, 3, 3, 2), (4,)))
+    kwargs = {"stride": (2, 1), "padding": (1, 0), "dilation": (1, 2)}
+    out = run_on(device, mf.conv2d, x, weight, bias, **kwargs)
+    grad_out = rng.standard_normal(out.shape).astype(dtype)
+    rtol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(out, mf.conv2d_reference(x, weight, bias, **kwargs),
+                               rtol=rtol, atol=rtol)
+    for ours, reference in zip(
+        run_on(device, mf.conv2d_backward, grad_out, x, weight, **kwargs),
+        mf.conv2d_backward_reference(grad_out, x, weight, **kwargs),
+        strict=True,
+    ):
+        assert ours.dtype == dtype
+        np.testing.assert_allclose(ours, reference, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_conv_transpose2d_forward_and_backward(device, dtype, rng):
+    x, weight, bias = (rng.standard_normal(s).astype(dtype)
+                       for s in ((2, 4, 5, 4), (4, 3, 2, 2), (3,)))
+    out = run_on(device, mf.conv_transpose2d, x, weight, bias, stride=2)
+    grad_out = rng.standard_normal(out.shape).astype(dtype)
+    rtol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(out, mf.conv_transpose2d_reference(x, weight, bias, stride=2),
+                               rtol=rtol, atol=rtol)
+    for ours, reference in zip(
+        run_on(device, mf.conv_transpose2d_backward, grad_out, x, weight, stride=2),
+        mf.conv_transpose2d_backward_reference(grad_out, x, weight, stride=2),
+        strict=True,
+    ):
+        assert ours.dtype == dtype
+        np.testing.assert_allclose(ours, reference, rtol=rtol, atol=rtol)
+
+
+def test_max_pool2d_forward_and_backward_with_ties(device, rng):
+    x = rng.integers(0, 3, (2, 3, 8, 6)).astype(np.float32)  # many ties
+    out = run_on(device, mf.max_pool2d, x, 2)
+    np.testing.assert_array_equal(out, mf.max_pool2d_reference(x, 2))
+    grad_out = rng.standard_normal(out.shape).astype(np.float32)
+    np.testing.assert_array_equal(run_on(device, mf.max_pool2d_backward, grad_out, x, 2),
+                                  mf.max_pool2d_backward_reference(grad_out, x, 2))
+
+
+class FakeCupyArray:
+    """Stands in for a CuPy array: minunet recognises CuPy arrays by their type's module."""
+
+    __module__ = "cupy._core.core"
+    shape = (1, 1, 4, 4)
+
+
+DISPATCHED = [n for n in mf.__all__ if not n.endswith("_reference") and n not in ("im2col", "col2im")]
+
+
+@pytest.mark.parametrize("name", DISPATCHED)
+def test_public_kernels_forward_cupy_arrays_to_cuda_ops(name, monkeypatch):
+    """Without touching a GPU: a fake CuPy array must reach minunet.cuda.ops.<same name>,
+    with the arguments unchanged (the references and im2col helpers are NumPy-only)."""
+    import sys
+    import types
+
+    function = getattr(mf, name)
+    calls = []
+    fake_ops = types.ModuleType("minunet.cuda.ops")
+    setattr(fake_ops, name, lambda *args, **kwargs: calls.append((args, kwargs)) or "gpu")
+    monkeypatch.setitem(sys.modules, "minunet.cuda.ops", fake_ops)
+    monkeypatch.setitem(sys.modules, "minunet.cuda", types.ModuleType("minunet.cuda"))
+    sys.modules["minunet.cuda"].ops = fake_ops
+    x = FakeCupyArray()
+    assert function(x, x, x, stride=2) == "gpu"
+    assert calls == [((x, x, x), {"stride": 2})]
+
+
+def test_mixing_numpy_and_cupy_arrays_is_refused():
+    with pytest.raises(TypeError, match="NumPy arrays or all CuPy arrays"):
+        mf.conv2d(np.zeros((1, 1, 4, 4)), FakeCupyArray())
