@@ -142,24 +142,23 @@ def weight_map(labels, w0: float = 10.0, sigma: float = 5.0,
 
 def separation_borders(labels, width: int = 1) -> np.ndarray:
     """Boolean (H, W): pixels of a cell that lie within ``width`` px (chessboard distance)
-    of a pixel of a *different* cell.
+    of a pixel of a cell with a *smaller* label.
 
     Touching cells in an instance label image have no background between them; a network
     that predicts only "cell" / "background" can then not separate them. Setting these
-    pixels to background (see :func:`carve_separation_borders`) gives the thin gaps the
-    paper's ground truth has and that its weight map emphasises.
+    pixels to background (see :func:`carve_separation_borders`) opens a gap of ``width`` px
+    between every two touching cells, taken from one side only (the cell with the larger
+    label), so the cells lose as little area as possible. Those gaps are what the paper's
+    ground truth has, and what its weight map emphasises.
     """
     labels = _check_labels(labels)
     if not isinstance(width, numbers.Integral) or width < 1:
         raise ValueError(f"width must be a positive int, got {width!r}")
-    size = 2 * width + 1
-    # A pixel touches another cell iff the largest and the smallest positive label in its
-    # neighbourhood differ; background is pushed out of the minimum with a larger label.
+    # Background is pushed out of the minimum with a label larger than any cell's.
     as_int = labels.astype(np.int64)
-    big = int(as_int.max(initial=0)) + 1
-    highest = ndimage.maximum_filter(as_int, size=size, mode="nearest")
-    lowest = ndimage.minimum_filter(np.where(as_int > 0, as_int, big), size=size, mode="nearest")
-    return (as_int > 0) & ((highest != as_int) | (lowest != as_int))
+    cells_only = np.where(as_int > 0, as_int, int(as_int.max(initial=0)) + 1)
+    lowest = ndimage.minimum_filter(cells_only, size=2 * width + 1, mode="nearest")
+    return (as_int > 0) & (lowest < as_int)
 
 
 def carve_separation_borders(labels, width: int = 1) -> np.ndarray:
