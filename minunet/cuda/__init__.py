@@ -41,9 +41,14 @@ def source(name: str) -> str:
     return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
 
 
+def find_kernel_names(text: str) -> list[str]:
+    """The ``extern "C" __global__`` kernels defined in CUDA source ``text``, in order."""
+    return _KERNEL_NAME.findall(text)
+
+
 def kernel_names(name: str) -> list[str]:
-    """The ``extern "C" __global__`` kernels defined in the file ``name``, in file order."""
-    return _KERNEL_NAME.findall(source(name))
+    """The kernels defined in the kernel file ``name`` (one of :data:`KERNEL_FILES`)."""
+    return find_kernel_names(source(name))
 
 
 def scalar_type(dtype) -> str:
@@ -55,9 +60,13 @@ def scalar_type(dtype) -> str:
 
 
 def compile_options(dtype) -> tuple[str, ...]:
-    """NVRTC options for compiling a kernel file for arrays of ``dtype``."""
-    return ("--std=c++17", f"-DMINUNET_SCALAR={scalar_type(dtype)}")
+    """NVRTC options for compiling a kernel file for arrays of ``dtype``.
+
+    No language standard is forced: the sources are plain C++11, which every NVRTC accepts
+    (and whatever standard CuPy may add works).
+    """
+    return (f"-DMINUNET_SCALAR={scalar_type(dtype)}",)
 
 
-__all__ = ["KERNEL_FILES", "SCALAR_TYPES", "compile_options", "kernel_names", "scalar_type",
-           "source"]
+__all__ = ["KERNEL_FILES", "SCALAR_TYPES", "compile_options", "find_kernel_names",
+           "kernel_names", "scalar_type", "source"]

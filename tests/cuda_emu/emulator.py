@@ -101,22 +101,23 @@ class EmulatedKernel:
         self._after_launch(self.name)
 
 
-def build(files, dtype, directory: Path, defines=()) -> Path:
-    """Compile the kernel ``files`` for ``dtype`` into one shared library in ``directory``.
+def build(sources: dict[str, str], dtype, directory: Path, defines=()) -> Path:
+    """Compile CUDA ``sources`` (file name -> text) for ``dtype`` into one shared library.
 
-    ``defines`` are extra preprocessor names (e.g. ``"MINUNET_OMIT_SYNC"``). One translation
-    unit holds all files (they are self-contained and share no names), which compiles much
-    faster than one library per file. Raises :class:`EmulationError` with g++'s messages if
-    compilation fails.
+    The library goes to ``directory``; ``defines`` are extra preprocessor names (e.g.
+    ``"MINUNET_OMIT_SYNC"``). One translation unit holds all sources (they are self-contained
+    and share no names), which compiles much faster than one library per file. Raises
+    :class:`EmulationError` with g++'s messages if compilation fails.
     """
     scalar = cuda.scalar_type(dtype)
     stem = "_".join(["kernels", scalar, *defines])
     lines = [f'#include "{HEADER}"']
-    for file in files:
-        copy = directory / file  # the package's source, wherever the package is installed
-        copy.write_text(cuda.source(file), encoding="utf-8")
+    for file, text in sources.items():
+        copy = directory / file
+        copy.write_text(text, encoding="utf-8")
         lines.append(f'#include "{copy}"')
-    lines += [f"EMU_EXPORT_KERNEL({name})" for file in files for name in cuda.kernel_names(file)]
+    lines += [f"EMU_EXPORT_KERNEL({name})"
+              for text in sources.values() for name in cuda.find_kernel_names(text)]
     harness = directory / f"{stem}.cpp"
     harness.write_text("\n".join(lines) + "\n", encoding="utf-8")
     library = directory / f"lib{stem}.so"
@@ -124,24 +125,25 @@ def build(files, dtype, directory: Path, defines=()) -> Path:
                *[f"-D{d}" for d in defines], str(harness), "-o", str(library)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise EmulationError(f"g++ could not compile {', '.join(files)}:\n{result.stderr}")
+        raise EmulationError(f"g++ could not compile {', '.join(sources)}:\n{result.stderr}")
     return library
 
 
 class EmulatedRunner:
     """Executes :mod:`minunet.cuda.ops` on the CPU (the ``runner`` argument of every op).
 
-    The kernel ``files`` (all of them by default) are built on first use, into one library
-    per dtype in ``directory`` (which must be private to this runner); ``defines`` go to every
-    compilation. ``launched`` counts the launches of each kernel.
+    ``sources`` maps file names to CUDA text (by default every file of :mod:`minunet.cuda`);
+    they are built on first use, into one library per dtype in ``directory`` (which must be
+    private to this runner), with ``defines`` given to the compiler. ``launched`` counts the
+    launches of each kernel.
     """
 
     xp = np
 
-    def __init__(self, directory: Path, defines=(), files=cuda.KERNEL_FILES):
+    def __init__(self, directory: Path, defines=(), sources=None):
         self.directory = Path(directory)
         self.defines = tuple(defines)
-        self.files = tuple(files)
+        self.sources = sources or {file: cuda.source(file) for file in cuda.KERNEL_FILES}
         self.launched: dict[str, int] = {}
         self._kernels: dict[tuple, EmulatedKernel] = {}
         self._libraries: dict[str, ctypes.CDLL] = {}
@@ -151,13 +153,13 @@ class EmulatedRunner:
         """The compiled kernels for ``dtype`` (built on the first call)."""
         name = np.dtype(dtype).name
         if name not in self._libraries:
-            path = build(self.files, dtype, self.directory, self.defines)
+            path = build(self.sources, dtype, self.directory, self.defines)
             self._libraries[name] = ctypes.CDLL(str(path))
         return self._libraries[name]
 
     def kernel(self, file: str, name: str, dtype) -> EmulatedKernel:
-        if file not in self.files:
-            raise EmulationError(f"{file} is not among the files of this runner {self.files}")
+        if file not in self.sources:
+            raise EmulationError(f"{file} is not among the sources of this runner")
         key = (name, np.dtype(dtype).name)
         if key not in self._kernels:
             self._kernels[key] = EmulatedKernel(self.library(dtype), name, self._after_launch)

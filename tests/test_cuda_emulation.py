@@ -1,0 +1,111 @@
+"""The CPU emulation of CUDA (``tests/cuda_emu``) catches what a GPU would get wrong.
+
+If the emulation were too forgiving, the kernel tests in ``test_cuda_kernels.py`` would pass
+for kernels that fail on a GPU. These tests feed it broken kernels and check that it notices:
+a missing ``__syncthreads()``, a barrier inside a branch, a write past an array, an argument
+of the wrong C type, and a launch configuration a GPU refuses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cuda_emu.emulator import EmulatedRunner, EmulationError, compiler
+
+from minunet import cuda
+from minunet import functional as F
+from minunet.cuda import ops
+
+pytestmark = pytest.mark.skipif(
+    compiler() is None, reason="the CPU emulation of the CUDA kernels needs g++"
+)
+
+
+@pytest.fixture(scope="module")
+def without_barriers(tmp_path_factory):
+    """The kernels that need __syncthreads(), compiled with every barrier removed."""
+    sources = {file: cuda.source(file) for file in ("conv2d.cu", "reduction.cu")}
+    return EmulatedRunner(tmp_path_factory.mktemp("cuda_emu_omit_sync"),
+                          defines=("MINUNET_OMIT_SYNC",), sources=sources)
+
+
+def test_a_missing_barrier_breaks_the_tiled_convolution(without_barriers, rng):
+    x, weight = rng.standard_normal((2, 3, 9, 8)), rng.standard_normal((18, 3, 3, 3))
+    bias = rng.standard_normal(18)
+    expected = F.conv2d(x, weight, bias, padding=1)
+    # The naive kernel has no barrier to lose: still right ...
+    naive = ops.conv2d(x, weight, bias, padding=1, algorithm="naive", runner=without_barriers)
+    np.testing.assert_allclose(naive, expected, rtol=1e-12, atol=1e-12)
+    # ... the tiled kernel reads tiles before the other threads have filled them: wrong.
+    tiled = ops.conv2d(x, weight, bias, padding=1, algorithm="tiled", runner=without_barriers)
+    assert not np.allclose(tiled, expected)
+
+
+def test_a_missing_barrier_breaks_the_tree_reduction(without_barriers, rng):
+    x = rng.standard_normal((2, 4, 300))
+    total = ops.channel_sum(x, runner=without_barriers)
+    assert not np.allclose(total, x.sum(axis=(0, 2)))
+
+
+FAULTY = r"""
+typedef MINUNET_SCALAR scalar_t;
+
+// Thread 0 leaves early; the others wait at a barrier it never reaches (undefined on a GPU).
+extern "C" __global__ void barrier_in_a_branch(scalar_t* y) {
+    if (threadIdx.x == 0) return;
+    __syncthreads();
+    y[threadIdx.x] = 1;
+}
+
+// Off by one: the last thread writes one element past the end.
+extern "C" __global__ void write_past_the_end(scalar_t* y, int size) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i <= size) y[i] = 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory):
+    return EmulatedRunner(tmp_path_factory.mktemp("cuda_emu_faulty"),
+                          sources={"faulty.cu": FAULTY})
+
+
+def test_a_barrier_not_reached_by_every_thread_is_reported(faulty):
+    kernel = faulty.kernel("faulty.cu", "barrier_in_a_branch", np.float64)
+    y = faulty.zeros((32,), np.float64)
+    with pytest.raises(EmulationError, match=r"__syncthreads\(\) reached by 31 of the 32"):
+        kernel((1,), (32,), (y,))
+
+
+def test_a_write_past_an_array_is_reported(faulty):
+    kernel = faulty.kernel("faulty.cu", "write_past_the_end", np.float64)
+    y = faulty.empty((10,), np.float64)
+    with pytest.raises(EmulationError, match="wrote outside an array"):
+        kernel((1,), (32,), (y, np.int32(10)))
+
+
+def test_arguments_must_have_the_kernels_c_types(faulty):
+    kernel = faulty.kernel("faulty.cu", "write_past_the_end", np.float64)
+    y = faulty.empty((10,), np.float64)
+    with pytest.raises(EmulationError, match="numpy.int32, got int"):
+        kernel((1,), (32,), (y, 9))  # CuPy would pass a Python int as 64 bits
+    with pytest.raises(EmulationError, match="C-contiguous array"):
+        kernel((1,), (32,), (np.zeros((4, 4))[:, 1], np.int32(3)))
+    with pytest.raises(EmulationError, match="takes 2 arguments"):
+        kernel((1,), (32,), (y,))
+
+
+def test_a_launch_a_gpu_refuses_is_refused(faulty):
+    kernel = faulty.kernel("faulty.cu", "write_past_the_end", np.float64)
+    y = faulty.empty((2048,), np.float64)
+    with pytest.raises(EmulationError, match="invalid configuration"):
+        kernel((1,), (2048,), (y, np.int32(2047)))  # at most 1024 threads per block
+    with pytest.raises(EmulationError, match="invalid configuration"):
+        kernel((1, 70000), (1,), (y, np.int32(2047)))  # at most 65535 blocks along y
+
+
+def test_new_arrays_are_poisoned(faulty):
+    """Memory the runner hands out reads as NaN until written, so unwritten outputs show."""
+    assert np.isnan(faulty.empty((3, 2), np.float32)).all()
+    assert (faulty.empty((4,), np.int32) == -1).all()

@@ -1,0 +1,290 @@
+"""The CUDA kernels against the NumPy kernels, through :mod:`minunet.cuda.ops`.
+
+Every test runs twice: on the CPU emulation of the CUDA execution model (``tests/cuda_emu``:
+the same ``.cu`` sources compiled with g++, launched by the same host code in
+:mod:`minunet.cuda.ops`), and on a GPU through CuPy (marked ``gpu``; skipped without one).
+The oracles are :mod:`minunet.functional`, :mod:`minunet.losses` (tested against PyTorch by
+their own tests) and ``torch.optim``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from cuda_emu.emulator import EmulatedRunner, compiler
+
+from minunet import cuda, losses
+from minunet import functional as F
+from minunet.backend import gpu_available, to_numpy
+from minunet.cuda import ops
+
+ALGORITHMS = ops.ALGORITHMS
+TOLERANCE = {"float64": dict(rtol=1e-10, atol=1e-10), "float32": dict(rtol=2e-5, atol=2e-5)}
+
+
+@pytest.fixture(scope="session")
+def emulated_runner(tmp_path_factory):
+    """All kernel files compiled for the CPU emulation (once per dtype, on first use)."""
+    if compiler() is None:
+        pytest.skip("the CPU emulation of the CUDA kernels needs g++ (apt install g++)")
+    return EmulatedRunner(tmp_path_factory.mktemp("cuda_emu"))
+
+
+class Device:
+    """Runs an op of :mod:`minunet.cuda.ops` on NumPy inputs and returns NumPy outputs."""
+
+    def __init__(self, runner, put):
+        self.runner = runner
+        self.put = put  # NumPy array -> array of the runner
+
+    def __call__(self, op: str, *args, **kwargs):
+        def moved(a):
+            return self.put(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
+
+        result = getattr(ops, op)(*map(moved, args), runner=self.runner,
+                                  **{k: moved(v) for k, v in kwargs.items()})
+        if isinstance(result, tuple):
+            return tuple(to_numpy(r) for r in result)
+        return None if result is None else to_numpy(result)
+
+
+@pytest.fixture(params=["emulated", pytest.param("cupy", marks=pytest.mark.gpu)])
+def device(request) -> Device:
+    if request.param == "emulated":
+        runner = request.getfixturevalue("emulated_runner")
+        return Device(runner, runner.contiguous)
+    runner = ops.gpu_runner()
+    return Device(runner, runner.xp.asarray)
+
+
+def assert_close(actual, expected, dtype):
+    assert actual.dtype == np.dtype(dtype)
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, **TOLERANCE[np.dtype(dtype).name])
+
+
+# --- Convolution ----------------------------------------------------------------------------
+
+CONV_CASES = {
+    # name: (x shape, weight shape (C_out, C_in, kH, kW), keyword arguments)
+    "strided-padded-dilated": ((2, 3, 9, 8), (4, 3, 3, 2),
+                               dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2))),
+    "same-even-kernel": ((1, 2, 7, 10), (18, 2, 2, 4), dict(padding="same")),  # 2 row tiles
+    "valid-deep": ((2, 5, 6, 6), (3, 5, 3, 3), dict(padding="valid")),  # 45 taps: 3 k-steps
+    "pointwise-strided": ((3, 4, 5, 7), (6, 4, 1, 1), dict(stride=3)),
+    "full-dilated": ((1, 1, 4, 5), (2, 1, 3, 2), dict(padding="full", dilation=(2, 1))),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d_forward_and_backward(device, case, algorithm, dtype, rng):
+    x_shape, w_shape, kwargs = CONV_CASES[case]
+    x = rng.standard_normal(x_shape).astype(dtype)
+    weight = rng.standard_normal(w_shape).astype(dtype)
+    bias = rng.standard_normal(w_shape[0]).astype(dtype)
+
+    expected = F.conv2d(x, weight, bias, **kwargs)
+    assert_close(device("conv2d", x, weight, bias, algorithm=algorithm, **kwargs), expected,
+                 dtype)
+    assert_close(device("conv2d", x, weight, algorithm=algorithm, **kwargs),
+                 F.conv2d(x, weight, **kwargs), dtype)
+
+    grad_out = rng.standard_normal(expected.shape).astype(dtype)
+    got = device("conv2d_backward", grad_out, x, weight, algorithm=algorithm, **kwargs)
+    for actual, wanted in zip(got, F.conv2d_backward(grad_out, x, weight, **kwargs),
+                              strict=True):
+        assert_close(actual, wanted, dtype)
+
+
+TRANSPOSE_CASES = {
+    # name: (x shape, weight shape (C_in, C_out, kH, kW), keyword arguments)
+    "unet-up-convolution": ((2, 3, 4, 5), (3, 4, 2, 2), dict(stride=2)),
+    "unequal-strides": ((1, 2, 5, 4), (2, 18, 3, 2),
+                        dict(stride=(2, 3), padding=(1, 0), output_padding=(1, 2))),
+    "dilated": ((2, 2, 4, 4), (2, 3, 3, 2), dict(padding=1, dilation=2, output_padding=1)),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("case", TRANSPOSE_CASES)
+def test_conv_transpose2d_forward_and_backward(device, case, algorithm, dtype, rng):
+    x_shape, w_shape, kwargs = TRANSPOSE_CASES[case]
+    x = rng.standard_normal(x_shape).astype(dtype)
+    weight = rng.standard_normal(w_shape).astype(dtype)
+    bias = rng.standard_normal(w_shape[1]).astype(dtype)
+
+    expected = F.conv_transpose2d(x, weight, bias, **kwargs)
+    assert_close(device("conv_transpose2d", x, weight, bias, algorithm=algorithm, **kwargs),
+                 expected, dtype)
+    grad_out = rng.standard_normal(expected.shape).astype(dtype)
+    got = device("conv_transpose2d_backward", grad_out, x, weight, algorithm=algorithm,
+                 **kwargs)
+    wanted = F.conv_transpose2d_backward(grad_out, x, weight, **kwargs)
+    for actual, oracle in zip(got, wanted, strict=True):
+        assert_close(actual, oracle, dtype)
+
+
+def test_conv2d_rejects_bad_arguments(device, rng):
+    x = rng.standard_normal((1, 2, 5, 5))
+    with pytest.raises(ValueError, match="algorithm"):
+        device("conv2d", x, rng.standard_normal((3, 2, 3, 3)), algorithm="fast")
+    with pytest.raises(ValueError, match="input channels"):  # the NumPy kernels' own checks
+        device("conv2d", x, rng.standard_normal((3, 4, 3, 3)))
+
+
+# --- Max-pooling ----------------------------------------------------------------------------
+
+POOL_CASES = {
+    "unet-2x2": ((2, 3, 8, 8), dict(kernel_size=2)),
+    "3x3-stride-2-padded": ((1, 2, 9, 7), dict(kernel_size=3, stride=2, padding=1)),
+    "overlapping-rows": ((2, 1, 6, 9), dict(kernel_size=(3, 2), stride=(1, 2), padding=(1, 0))),
+    "stride-1": ((1, 2, 5, 5), dict(kernel_size=(2, 3), stride=1)),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_max_pool2d_forward_and_backward_with_ties(device, case, dtype, rng):
+    shape, kwargs = POOL_CASES[case]
+    x = rng.integers(0, 3, shape).astype(dtype)  # few distinct values: many tied maxima
+    expected, indices = F.max_pool2d(x, return_indices=True, **kwargs)
+    y, got_indices = device("max_pool2d", x, return_indices=True, **kwargs)
+    np.testing.assert_array_equal(y, expected)
+    np.testing.assert_array_equal(got_indices, indices)
+    assert got_indices.dtype == np.int64
+
+    grad_out = rng.standard_normal(expected.shape).astype(dtype)
+    wanted = F.max_pool2d_backward(grad_out, x, **kwargs)
+    assert_close(device("max_pool2d_backward", grad_out, x, **kwargs), wanted, dtype)
+    assert_close(device("max_pool2d_backward", grad_out, x, indices=indices, **kwargs), wanted,
+                 dtype)
+
+
+def test_max_pool2d_nan_wins(device):
+    x = np.array([[[[1.0, np.nan], [3.0, 2.0]]]])
+    y, indices = device("max_pool2d", x, 2, return_indices=True)
+    assert np.isnan(y).all() and indices.ravel().tolist() == [1]
+
+
+# --- Reductions, activations, loss ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 2, 2), (2, 5, 17, 19), (4, 1, 300)])
+def test_channel_sum(device, shape, rng):
+    x = rng.standard_normal(shape)
+    axes = (0, *range(2, len(shape)))
+    assert_close(device("channel_sum", x), x.sum(axis=axes), "float64")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_relu_and_its_gradient(device, dtype, rng):
+    x = rng.standard_normal((3, 4, 5, 7)).astype(dtype)
+    x[0, 0, 0, :3] = 0  # the kink: gradient 0 there, as in PyTorch
+    grad_out = rng.standard_normal(x.shape).astype(dtype)
+    assert_close(device("relu", x), np.maximum(x, 0), dtype)
+    assert_close(device("relu_backward", grad_out, x), np.where(x > 0, grad_out, 0), dtype)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_softmax_cross_entropy(device, dtype, weighted, rng):
+    logits = (3 * rng.standard_normal((2, 3, 5, 4))).astype(dtype)
+    target = rng.integers(0, 3, (2, 5, 4))
+    weight = rng.uniform(0.5, 3, (2, 5, 4)).astype(dtype) if weighted else None
+    loss, grad = device("softmax_cross_entropy", logits, target, weight)
+    expected_loss, expected_grad = losses.softmax_cross_entropy(logits, target, weight)
+    assert loss.shape == () and loss.dtype == np.dtype(dtype)
+    assert_close(loss, np.asarray(expected_loss), dtype)
+    assert_close(grad, expected_grad, dtype)
+    # and PyTorch, independently: the weighted mean of the per-pixel cross-entropy
+    per_pixel = torch.nn.functional.cross_entropy(
+        torch.from_numpy(logits.astype(np.float64)), torch.from_numpy(target), reduction="none"
+    ).numpy()
+    torch_loss = (per_pixel * (1 if weight is None else weight)).mean()
+    np.testing.assert_allclose(loss, torch_loss, rtol=1e-5 if dtype == "float32" else 1e-12)
+
+
+# --- Optimisers -----------------------------------------------------------------------------
+
+
+def _torch_trajectory(make_optimizer, param, grads):
+    """The parameter after each step of a torch optimizer fed ``grads``."""
+    p = torch.nn.Parameter(torch.from_numpy(param.copy()))
+    optimizer = make_optimizer([p])
+    trajectory = []
+    for g in grads:
+        p.grad = torch.from_numpy(g.copy())
+        optimizer.step()
+        trajectory.append(p.detach().numpy().copy())
+    return trajectory
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (300,)])
+def test_sgd_momentum_update_matches_torch(device, shape, rng):
+    param = rng.standard_normal(shape)
+    grads = [rng.standard_normal(shape) for _ in range(4)]
+    expected = _torch_trajectory(
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01), param, grads)
+    p, velocity = device.put(param.copy()), device.put(np.zeros(shape))
+    for g, wanted in zip(grads, expected, strict=True):
+        ops.sgd_momentum_update(p, device.put(g), velocity, 0.1, 0.9, 0.01,
+                                runner=device.runner)
+        assert_close(to_numpy(p), wanted, "float64")
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (300,)])
+def test_adam_update_matches_torch(device, shape, rng):
+    param = rng.standard_normal(shape)
+    grads = [rng.standard_normal(shape) for _ in range(4)]
+    expected = _torch_trajectory(
+        lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1),
+        param, grads)
+    p = device.put(param.copy())
+    m, v = device.put(np.zeros(shape)), device.put(np.zeros(shape))
+    for step, (g, wanted) in enumerate(zip(grads, expected, strict=True), start=1):
+        ops.adam_update(p, device.put(g), m, v, step, 0.01, 0.8, 0.95, 1e-6, 0.1,
+                        runner=device.runner)
+        assert_close(to_numpy(p), wanted, "float64")
+
+
+def test_in_place_updates_refuse_mismatched_state(device, rng):
+    param = device.put(rng.standard_normal((4, 3)))
+    with pytest.raises(ValueError, match="velocity must have the shape"):
+        ops.sgd_momentum_update(param, param, device.put(np.zeros((3, 4))), 0.1, 0.9,
+                                runner=device.runner)
+    with pytest.raises(ValueError, match="step counts from 1"):
+        ops.adam_update(param, param, param, param, 0, 0.1, runner=device.runner)
+
+
+# --- The whole API --------------------------------------------------------------------------
+
+
+def test_every_kernel_is_launched_by_the_ops(emulated_runner, rng):
+    """Each kernel of each file is reached from :mod:`minunet.cuda.ops` (their correctness
+    is the business of the tests above)."""
+    device = Device(emulated_runner, emulated_runner.contiguous)
+    before = dict(emulated_runner.launched)
+    x, w = rng.standard_normal((1, 2, 4, 4)), rng.standard_normal((2, 2, 2, 2))
+    for algorithm in ALGORITHMS:
+        y = device("conv2d", x, w, algorithm=algorithm)
+        device("conv2d_backward", y, x, w, algorithm=algorithm)
+    y = device("max_pool2d", x, 2)
+    device("max_pool2d_backward", y, x, 2)
+    device("relu_backward", x, device("relu", x))
+    device("softmax_cross_entropy", x, rng.integers(0, 2, (1, 4, 4)))
+    p = device.put(np.zeros(3))
+    ops.sgd_momentum_update(p, p, p, 0.1, 0.9, runner=emulated_runner)
+    ops.adam_update(p, p, p, p, 1, 0.1, runner=emulated_runner)
+    missed = [name for file in cuda.KERNEL_FILES for name in cuda.kernel_names(file)
+              if emulated_runner.launched.get(name, 0) == before.get(name, 0)]
+    assert not missed
+
+
+@pytest.mark.skipif(gpu_available(), reason="checks the message shown without a GPU")
+def test_without_a_gpu_the_ops_say_what_is_missing(rng):
+    with pytest.raises(RuntimeError, match="CuPy|GPU"):
+        ops.relu(rng.standard_normal(3))
