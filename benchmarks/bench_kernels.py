@@ -1,0 +1,214 @@
+"""Time minunet's fast NumPy kernels against torch.nn.functional on the CPU.
+
+Every distinct convolution, up-convolution and max-pool of a valid-padding U-Net is timed,
+forward and backward (all input, weight and bias gradients), in float32, one image at a
+time, with the same number of threads for NumPy's BLAS and for PyTorch, in one process.
+Each number is the best of ``--repeats`` runs. The table gives ``minunet / torch`` ratios;
+the results go to ``benchmarks/results/kernels_cpu.json``.
+
+    python benchmarks/bench_kernels.py                       # both U-Nets
+    python benchmarks/bench_kernels.py --configs small --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import minunet
+import minunet.functional as mf
+from minunet.shapes import unet_output_size
+
+CONFIGS = {  # name: (input edge, depth, base channels)
+    "paper": (572, 5, 64),  # Ronneberger et al. (2015), Fig. 1
+    "small": (188, 5, 16),
+}
+RESULTS = Path(__file__).parent / "results" / "kernels_cpu.json"
+SLOW_OPENBLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def unet_layers(size, depth, base, in_channels=1, classes=2):
+    """The kernels of a valid-padding U-Net in forward order:
+    ``(name, kind, input shape, weight shape or None, kwargs)``."""
+    layers, channels = [], in_channels
+    for level in range(1, depth + 1):  # contracting path and bottom
+        width = base * 2 ** (level - 1)
+        for k in (1, 2):
+            layers.append((f"down{level} conv3x3 #{k}", "conv", (1, channels, size, size),
+                           (width, channels, 3, 3), {}))
+            channels, size = width, size - 2
+        if level < depth:
+            layers.append((f"down{level} maxpool2x2", "pool", (1, channels, size, size), None,
+                           {"kernel_size": 2}))
+            size //= 2
+    for level in range(depth - 1, 0, -1):  # expanding path
+        width = base * 2 ** (level - 1)
+        layers.append((f"up{level} upconv2x2", "upconv", (1, channels, size, size),
+                       (channels, width, 2, 2), {"stride": 2}))
+        channels, size = 2 * width, 2 * size  # concatenated with the cropped skip connection
+        for k in (1, 2):
+            layers.append((f"up{level} conv3x3 #{k}", "conv", (1, channels, size, size),
+                           (width, channels, 3, 3), {}))
+            channels, size = width, size - 2
+    layers.append(("final conv1x1", "conv", (1, channels, size, size),
+                   (classes, channels, 1, 1), {}))
+    return layers, size
+
+
+OURS = {
+    "conv": (mf.conv2d, mf.conv2d_backward),
+    "upconv": (mf.conv_transpose2d, mf.conv_transpose2d_backward),
+}
+THEIRS = {"conv": F.conv2d, "upconv": F.conv_transpose2d, "pool": F.max_pool2d}
+
+
+def best_time(function, repeats, min_seconds=0.2):
+    """Best wall-clock time in milliseconds, after one warm-up call, over ``repeats`` calls
+    or as many as fit in ``min_seconds`` (at most 100) if that is more: fast kernels are
+    timed more often, to see past the noise of a busy machine."""
+    start = time.perf_counter()
+    function()
+    first = time.perf_counter() - start
+    best = float("inf")
+    for _ in range(max(repeats, min(100, int(min_seconds / max(first, 1e-6))))):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return 1e3 * best
+
+
+def time_minunet(kind, x, weight, bias, kwargs, repeats):
+    if kind == "pool":
+        out, indices = mf.max_pool2d(x, return_indices=True, **kwargs)
+        grad_out = np.ones_like(out)
+        forward = lambda: mf.max_pool2d(x, return_indices=True, **kwargs)  # noqa: E731
+        backward = lambda: mf.max_pool2d_backward(grad_out, x, indices=indices, **kwargs)  # noqa: E731
+    else:
+        op, op_backward = OURS[kind]
+        grad_out = np.ones_like(op(x, weight, bias, **kwargs))
+        forward = lambda: op(x, weight, bias, **kwargs)  # noqa: E731
+        backward = lambda: op_backward(grad_out, x, weight, **kwargs)  # noqa: E731
+    return best_time(forward, repeats), best_time(backward, repeats)
+
+
+def time_torch(kind, x, weight, bias, kwargs, repeats):
+    inputs = [torch.from_numpy(a).requires_grad_() for a in (x, weight, bias) if a is not None]
+    op = THEIRS[kind]
+    out = op(*inputs, **kwargs)
+    grad_out = torch.ones_like(out)
+    forward = lambda: op(*inputs, **kwargs)  # noqa: E731
+    backward = lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True)  # noqa: E731
+    return best_time(forward, repeats), best_time(backward, repeats)
+
+
+def equalise_threads():
+    """Give PyTorch as many threads as NumPy's BLAS has; return (blas, torch) thread counts."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        print("threadpoolctl is not installed: BLAS threads unknown, PyTorch keeps its default")
+        return None, torch.get_num_threads()
+    blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+    if blas:
+        torch.set_num_threads(blas[0])
+    return (blas[0] if blas else None), torch.get_num_threads()
+
+
+def run_config(name, repeats, rng):
+    size, depth, base = CONFIGS[name]
+    layers, out_size = unet_layers(size, depth, base)
+    assert out_size == unet_output_size(size, depth), "layer list disagrees with minunet.shapes"
+    rows = []
+    for layer, kind, x_shape, w_shape, kwargs in tqdm(layers, desc=name, leave=False):
+        x = rng.standard_normal(x_shape, dtype=np.float32)
+        weight = None if w_shape is None else rng.standard_normal(w_shape, dtype=np.float32)
+        bias = None
+        if w_shape is not None:
+            bias = rng.standard_normal(w_shape[1] if kind == "upconv" else w_shape[0],
+                                       dtype=np.float32)
+        ours = time_minunet(kind, x, weight, bias, kwargs, repeats)
+        theirs = time_torch(kind, x, weight, bias, kwargs, repeats)
+        rows.append({
+            "layer": layer, "x_shape": list(x_shape),
+            "weight_shape": None if w_shape is None else list(w_shape),
+            "minunet_forward_ms": ours[0], "torch_forward_ms": theirs[0],
+            "minunet_backward_ms": ours[1], "torch_backward_ms": theirs[1],
+            "ratio": sum(ours) / sum(theirs),
+        })
+    return rows
+
+
+def print_table(name, rows):
+    print(f"\n{name}: {CONFIGS[name]} (input edge, depth, base channels), float32, batch 1")
+    header = (f"{'layer':<20} {'input':>18} {'fwd ms':>9} {'torch':>9} {'bwd ms':>9} "
+              f"{'torch':>9} {'ratio':>6}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        shape = "x".join(str(v) for v in r["x_shape"][1:])
+        flag = "  > 3x" if r["ratio"] > 3 else ""
+        print(f"{r['layer']:<20} {shape:>18} {r['minunet_forward_ms']:9.1f} "
+              f"{r['torch_forward_ms']:9.1f} {r['minunet_backward_ms']:9.1f} "
+              f"{r['torch_backward_ms']:9.1f} {r['ratio']:6.2f}{flag}")
+    ours = sum(r["minunet_forward_ms"] + r["minunet_backward_ms"] for r in rows)
+    theirs = sum(r["torch_forward_ms"] + r["torch_backward_ms"] for r in rows)
+    print(f"{'all layers':<20} {'':>18} {ours:>39.1f} ms vs {theirs:.1f} ms, "
+          f"ratio {ours / theirs:.2f}")
+
+
+def write_json_atomically(path, payload):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(payload, f, indent=1)
+    os.replace(f.name, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    warnings = [f"warning: {v}={os.environ[v]} is set; it can make NumPy's OpenBLAS slower"
+                for v in SLOW_OPENBLAS_VARIABLES if v in os.environ]
+    for line in warnings:
+        print(line)
+    blas_threads, torch_threads = equalise_threads()
+    print(f"threads: NumPy BLAS {blas_threads}, PyTorch {torch_threads}")
+
+    rng = np.random.default_rng(0)
+    results = {name: run_config(name, args.repeats, rng) for name in args.configs}
+    for name, rows in results.items():
+        print_table(name, rows)
+
+    write_json_atomically(args.output, {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpu_count": os.cpu_count()},
+        "versions": {"python": platform.python_version(), "numpy": np.__version__,
+                     "torch": torch.__version__, "minunet": minunet.__version__
+                     if hasattr(minunet, "__version__") else None},
+        "threads": {"numpy_blas": blas_threads, "torch": torch_threads},
+        "warnings": warnings,
+        "repeats": args.repeats,
+        "dtype": "float32",
+        "configs": {name: {"input_edge_depth_base": CONFIGS[name], "layers": rows}
+                    for name, rows in results.items()},
+    })
+    print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
