@@ -9,6 +9,8 @@ their own tests) and ``torch.optim``.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -258,6 +260,38 @@ def test_in_place_updates_refuse_mismatched_state(device, rng):
                                 runner=device.runner)
     with pytest.raises(ValueError, match="step counts from 1"):
         ops.adam_update(param, param, param, param, 0, 0.1, runner=device.runner)
+
+
+# --- A whole network -----------------------------------------------------------------------
+
+
+def test_unet_forward_backward_through_the_kernels(emulated_runner, monkeypatch, rng):
+    """A small U-Net whose layers call the CUDA kernels (emulated) instead of NumPy's."""
+    from minunet import UNet
+
+    net = UNet(depth=2, base_channels=4, dtype="float64", seed=5)
+    x = rng.standard_normal((2, 1, net.valid_input_size(16), net.valid_input_size(16)))
+    grad_logits = rng.standard_normal((2, 2, net.output_size(x.shape[2]), net.output_size(
+        x.shape[3])))
+
+    def run(network):
+        network.zero_grad()  # backward accumulates into .grad
+        logits = network.forward(x)
+        grad_x = network.backward(grad_logits)
+        return logits, grad_x, [p.grad.copy() for p in network.parameters()]
+
+    expected = run(net)
+    for name in ("conv2d", "conv2d_backward", "conv_transpose2d", "conv_transpose2d_backward",
+                 "max_pool2d", "max_pool2d_backward"):
+        monkeypatch.setattr(F, name, functools.partial(getattr(ops, name),
+                                                       runner=emulated_runner))
+    before = emulated_runner.launched.get("conv2d_weight_grad_tiled", 0)
+    got = run(net)
+    assert emulated_runner.launched["conv2d_weight_grad_tiled"] > before
+    assert_close(got[0], expected[0], "float64")
+    assert_close(got[1], expected[1], "float64")
+    for mine, oracle in zip(got[2], expected[2], strict=True):
+        assert_close(mine, oracle, "float64")
 
 
 # --- The whole API --------------------------------------------------------------------------
