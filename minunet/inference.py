@@ -1,0 +1,138 @@
+"""Prediction on images of any size: the paper's overlap-tile strategy (its Fig. 2).
+
+A valid-padding U-Net predicts an output tile that is smaller than its input tile; the
+missing context around the image is filled by mirroring the image at its borders. Tiles are
+laid side by side so that their outputs cover the image exactly once.
+
+Why the result does not depend on the tile size (valid padding): one output pixel depends
+only on the input pixels in its receptive field, all of which lie in the (mirror-extended)
+image, whatever tile it is computed in. One subtlety: a 2x2 max-pool sees pixel pairs
+starting at even positions, so moving a tile by an odd number of pixels changes what the
+network computes. Tiles therefore advance by a multiple of ``2**(depth - 1)`` pixels; since
+the output edge of a valid U-Net is never such a multiple, consecutive tiles overlap by a
+few pixels, and each output pixel is taken from exactly one tile.
+
+A 'same'-padding network pads every convolution with zeros, so pixels near a tile border
+see zeros instead of the neighbouring image: its tiles get a ``margin`` of extra context on
+every side whose predictions are thrown away. The result then depends only slightly on the
+tile size (how slightly depends on the margin: the receptive field of a deep U-Net is larger
+than any practical margin).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from minunet.backend import to_device, to_numpy
+from minunet.data.augment import DIHEDRAL, apply_dihedral, invert_dihedral
+from minunet.data.tiles import mirror_pad
+from minunet.losses import softmax
+
+# Extra context (px, each side) given to every tile of a 'same'-padding network by default.
+SAME_PADDING_MARGIN = 32
+
+
+def _axis_plan(net, length: int, tile_size: int | None, extra: int):
+    """Tiling of one axis: ``(input_edge, offset, stride, count, pad_before, pad_after)``.
+
+    ``offset`` is where the network's output starts inside its input tile ((in - out) / 2,
+    0 for 'same'); every tile keeps the output pixels from ``offset + extra`` on, ``stride``
+    of them (the last tile fewer). The image is mirror-padded by ``pad_before`` and
+    ``pad_after`` pixels so that every tile lies inside the padded image.
+    """
+    quantum = 2 ** (net.config["depth"] - 1)
+    target = length if tile_size is None else tile_size
+    input_edge = net.input_size_for_output(target + 2 * extra)
+    offset = (input_edge - net.output_size(input_edge)) // 2
+    margin = offset + extra
+    usable = input_edge - 2 * margin
+    if tile_size is None:
+        stride, count = usable, 1
+    else:
+        stride = usable // quantum * quantum
+        if stride < 1:
+            raise ValueError(f"tile_size {tile_size} is too small for this network: tiles must "
+                             f"keep at least {quantum} output pixels")
+        count = -(-length // stride)
+    pad_after = (count - 1) * stride + input_edge - margin - length
+    return input_edge, offset, stride, count, margin, pad_after
+
+
+def _predict_once(net, image: np.ndarray, tile_size, margin: int, progress: bool):
+    """Class probabilities (num_classes, H, W) of one (C, H, W) image, tile by tile."""
+    height, width = image.shape[-2:]
+    rows = _axis_plan(net, height, tile_size, margin)
+    cols = _axis_plan(net, width, tile_size, margin)
+    padded = mirror_pad(image, ((rows[4], rows[5]), (cols[4], cols[5])))
+    on_gpu = net.device == "cupy"
+    result = np.empty((net.config["num_classes"], height, width), np.float32)
+    positions = [(i, j) for i in range(rows[3]) for j in range(cols[3])]
+    for i, j in tqdm(positions, desc="tiles", disable=not progress or len(positions) < 2,
+                     leave=False):
+        r0, c0 = i * rows[2], j * cols[2]  # tile corner in padded coordinates
+        tile = np.ascontiguousarray(padded[None, :, r0:r0 + rows[0], c0:c0 + cols[0]])
+        logits = net.forward(to_device(tile, "cupy") if on_gpu else tile)
+        probabilities = to_numpy(softmax(logits, axis=1))[0]
+        keep_h, keep_w = min(rows[2], height - r0), min(cols[2], width - c0)
+        # the first kept output pixel sits `margin` pixels into the network's output
+        result[:, r0:r0 + keep_h, c0:c0 + keep_w] = probabilities[
+            :, margin:margin + keep_h, margin:margin + keep_w]
+    return result
+
+
+def predict(net, image, tile_size: int | None = None, tta: bool = False, *,
+            margin: int | None = None, progress: bool = False) -> np.ndarray:
+    """Class probabilities of ``image`` under ``net``, float32 (num_classes, H, W).
+
+    Parameters
+    ----------
+    net : minunet.UNet
+        Evaluated in eval mode (BatchNorm running statistics, no dropout); its previous
+        mode is restored afterwards. Works on NumPy or CuPy networks (the image is moved).
+    image : (H, W) or (C, H, W) array, any size
+        Converted to the network's dtype; ``C`` must equal the network's ``in_channels``.
+    tile_size : int or None
+        Edge of the output tile each forward pass produces (rounded to what the network
+        allows). ``None``: the whole image in one pass (largest memory use).
+    tta : bool
+        Test-time augmentation: average the probabilities over the 8 rotations/flips of the
+        image (each prediction transformed back), as the paper did with rotations for ISBI.
+    margin : int or None
+        Extra context around each tile for a 'same'-padding network (default
+        ``SAME_PADDING_MARGIN``); must be 0/None for a valid-padding network, which needs none.
+    progress : bool
+        Show a tqdm bar over the tiles.
+    """
+    image = np.asarray(to_numpy(image))
+    if image.ndim == 2:
+        image = image[None]
+    channels = net.config["in_channels"]
+    if image.ndim != 3 or image.shape[0] != channels or min(image.shape[1:]) < 1:
+        raise ValueError(f"image must be (H, W) or ({channels}, H, W) for this network, got "
+                         f"shape {image.shape}")
+    if tile_size is not None and (not isinstance(tile_size, numbers.Integral) or tile_size < 1):
+        raise ValueError(f"tile_size must be a positive int or None, got {tile_size!r}")
+    if net.config["padding"] == "valid":
+        if margin:
+            raise ValueError("margin is only used by 'same'-padding networks")
+        margin = 0
+    elif margin is None:
+        margin = SAME_PADDING_MARGIN
+    elif margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    image = image.astype(net.dtype, copy=False)
+    was_training = net.training
+    net.eval()
+    try:
+        if not tta:
+            return _predict_once(net, image, tile_size, margin, progress)
+        total = np.zeros((net.config["num_classes"], *image.shape[1:]), np.float64)
+        for k, flip in tqdm(DIHEDRAL, desc="tta", disable=not progress, leave=False):
+            turned = apply_dihedral(image, k, flip)
+            total += invert_dihedral(_predict_once(net, turned, tile_size, margin, False), k, flip)
+        return (total / len(DIHEDRAL)).astype(np.float32)
+    finally:
+        net.train(was_training)

@@ -1,0 +1,319 @@
+"""Training a U-Net on labelled cells: the paper's recipe, with checkpoints you can resume.
+
+One training step::
+
+    tiles   <- random crops of the training images (mirror-padded at the borders),
+               augmented (rotation/flip, elastic deformation, gray values)
+    logits  <- net.forward(tiles)
+    loss, g <- weighted softmax cross-entropy (weights: the paper's Eq. 2 map)
+    net.backward(g); optimizer.step()
+
+Targets. Labels are instance labels (0 = background). The network learns two classes,
+cell and background; touching cells are first separated by a one-pixel background line
+(:func:`minunet.data.carve_separation_borders`), and the weight map makes those lines
+expensive to miss, so that the prediction keeps cells apart and they can be counted.
+
+An *epoch* is ``steps_per_epoch`` steps, by default as many tiles as it takes to cover every
+training pixel once. After each epoch the network is evaluated on the validation images
+(foreground IoU, Dice, pixel error, object F1 and relative count error) and, if asked, a
+checkpoint is written.
+
+Reproducibility: all randomness (tile positions, augmentation) comes from one
+``numpy.random.Generator`` seeded with ``seed``, whose state is saved in checkpoints, so a
+resumed run continues exactly as an uninterrupted one would (for networks without dropout;
+the dropout masks have their own generator inside the network).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+import zipfile
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from minunet.backend import to_device, to_numpy
+from minunet.data.loaders import Dataset
+from minunet.data.tiles import TileSampler
+from minunet.data.weights import carve_separation_borders, class_weight_map, weight_map
+from minunet.losses import softmax_cross_entropy
+from minunet.metrics import count_objects, dice, iou, object_scores, pixel_error
+from minunet.optim import SGD, Adam
+
+CHECKPOINT_FORMAT = 1
+DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
+
+
+@dataclass
+class History:
+    """What happened during training.
+
+    ``loss``: the training loss of every step. ``epochs``: one dict per epoch with ``epoch``,
+    ``step`` (steps done so far), ``train_loss`` (mean over the epoch), ``seconds`` (wall
+    time of the epoch) and, with validation data, ``val_iou``, ``val_dice``,
+    ``val_pixel_error``, ``val_f1`` and ``val_count_error`` (means over the images).
+    """
+
+    loss: list = field(default_factory=list)
+    epochs: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def as_dataset(data, name: str) -> Dataset:
+    """Accept a :class:`~minunet.data.Dataset` or a pair ``(images, labels)`` of arrays
+    ((N, H, W) / (N, C, H, W) and (N, H, W)) or of lists of arrays."""
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        images, labels = data
+        if len(images) != len(labels) or len(images) == 0:
+            raise ValueError(f"{name} must hold the same non-zero number of images and label "
+                             f"images, got {len(images)} and {len(labels)}")
+        return Dataset(list(images), list(labels), [f"{name}_{i}" for i in range(len(images))])
+    raise TypeError(f"{name} must be a minunet.data.Dataset or a pair (images, labels), "
+                    f"got {type(data).__name__}")
+
+
+def training_targets(labels, *, weight_maps: bool = True, w0: float = 10.0, sigma: float = 5.0,
+                     class_weights="balanced", border_width: int = 1):
+    """``(target, weights)`` for one instance label image: the class map (int64 (H, W),
+    1 = cell, 0 = background and separation lines) and the loss weights (float32 (H, W):
+    the paper's Eq. 2 map, or only the class weights when ``weight_maps`` is False)."""
+    labels = np.asarray(labels)
+    carved = carve_separation_borders(labels, border_width) if border_width else labels
+    weights = (weight_map(carved, w0=w0, sigma=sigma, class_weights=class_weights)
+               if weight_maps else class_weight_map(carved, class_weights))
+    return (carved > 0).astype(np.int64), weights
+
+
+def evaluate(net, data, *, tile_size: int | None = None, threshold: float = 0.5) -> dict:
+    """Mean validation metrics of ``net`` over ``data`` (a Dataset or (images, labels)):
+    foreground IoU, Dice and pixel error against ``labels > 0``, object F1 at IoU 0.5 and
+    relative count error of the cells found by :func:`minunet.postprocess.label_instances`.
+    """
+    from minunet.inference import predict
+    from minunet.postprocess import label_instances
+
+    data = as_dataset(data, "val_data")
+    rows = []
+    for image, labels in zip(data.images, data.labels, strict=True):
+        prob = predict(net, image, tile_size=tile_size)
+        found = label_instances(prob, threshold=threshold)
+        truth = np.asarray(labels)
+        true_count = count_objects(truth)
+        rows.append({
+            "iou": iou(found, truth), "dice": dice(found, truth),
+            "pixel_error": pixel_error(found, truth),
+            "f1": object_scores(found, truth).f1,
+            "count_error": abs(count_objects(found) - true_count) / max(true_count, 1),
+        })
+    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
+
+
+def make_optimizer(net, optimizer: str, lr: float | None, momentum: float, weight_decay: float):
+    """``minunet.optim.SGD`` (with ``momentum``) or ``Adam`` over ``net.parameters()``."""
+    if optimizer not in DEFAULT_LR:
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    lr = DEFAULT_LR[optimizer] if lr is None else lr
+    if optimizer == "sgd":
+        return SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def _write_npz_atomically(path, arrays: dict) -> None:
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            np.savez(stream, **arrays)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def save_checkpoint(path, net, optimizer, history: History, rng: np.random.Generator,
+                    step: int, settings: dict) -> None:
+    """Write everything needed to resume training to one ``.npz`` file, atomically:
+    the network's state (``net/<name>``), the optimizer's (``optimizer/<name>``), and a JSON
+    entry with the network config, the step, the history, the random generator's state and
+    the training settings."""
+    arrays = {f"net/{k}": to_numpy(v) for k, v in net.state_dict().items()}
+    for key, value in optimizer.state_dict().items():
+        arrays[f"optimizer/{key}"] = np.asarray(to_numpy(value) if hasattr(value, "shape")
+                                                else value)
+    meta = {"format": CHECKPOINT_FORMAT, "config": net.config, "step": step,
+            "history": history.as_dict(), "rng": rng.bit_generator.state,
+            "settings": settings, "optimizer": type(optimizer).__name__}
+    arrays["__meta__"] = np.array(json.dumps(meta))
+    _write_npz_atomically(path, arrays)
+
+
+def load_checkpoint(path) -> tuple[dict, dict, dict]:
+    """``(meta, net_state, optimizer_state)`` of a checkpoint written by
+    :func:`save_checkpoint`; ``ValueError`` if the file is not one."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+        meta = json.loads(str(arrays.pop("__meta__")))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path} is not a readable minunet training checkpoint: {exc}") from exc
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+    net_state = {k[4:]: v for k, v in arrays.items() if k.startswith("net/")}
+    optimizer_state = {}
+    for key, value in arrays.items():
+        if key.startswith("optimizer/"):
+            optimizer_state[key[10:]] = value if value.ndim else value.item()
+    return meta, net_state, optimizer_state
+
+
+# --- the training loop ----------------------------------------------------------------------
+
+
+def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int | None = None,
+        steps_per_epoch: int | None = None, batch_size: int = 4, tile_size: int = 128,
+        optimizer: str = "adam", lr: float | None = None, momentum: float = 0.99,
+        weight_decay: float = 0.0, augment: bool = True, elastic_std: float = 10.0,
+        weight_maps: bool = True, w0: float = 10.0, sigma: float = 5.0,
+        class_weights="balanced", border_width: int = 1, seed: int = 0,
+        checkpoint_path=None, resume: bool = False, progress: bool = True,
+        val_tile_size: int | None = None) -> History:
+    """Train ``net`` (in place) and return its :class:`History`.
+
+    Parameters
+    ----------
+    net : minunet.UNet with ``num_classes=2`` (background, cell).
+    train_data, val_data : Dataset or (images, labels)
+        Images (H, W) or (C, H, W) in [0, 1]; labels are instance labels (0 = background).
+    steps, epochs, steps_per_epoch : int
+        Length of training: ``steps`` in total, or ``epochs * steps_per_epoch``. Default
+        ``steps_per_epoch``: enough tiles to cover the training pixels once. Default length:
+        one epoch.
+    batch_size, tile_size : int
+        Tiles per step and edge of the *output* tile; the input tile is the network's
+        ``input_size_for_output(tile_size)``.
+    optimizer, lr, momentum, weight_decay
+        ``"adam"`` (default lr 1e-3) or ``"sgd"`` (the paper's; default lr 0.01, momentum
+        0.99).
+    augment, elastic_std : random rotations/flips, elastic deformation (std in px), gray
+        values.
+    weight_maps, w0, sigma, class_weights : the Eq. 2 loss weights (or, with
+        ``weight_maps=False``, only ``class_weights``).
+    border_width : width of the separation lines cut between touching cells (0: none).
+    seed : seed of the generator driving tiles and augmentation.
+    checkpoint_path, resume : write a checkpoint after every epoch (atomically); with
+        ``resume``, continue from it if it exists (the network config must match).
+    progress : tqdm progress bar over the steps.
+    val_tile_size : ``tile_size`` of :func:`minunet.predict` during validation.
+
+    Raises ``FloatingPointError`` naming the step if the loss becomes NaN or infinite.
+    """
+    if net.config["num_classes"] != 2:
+        raise ValueError(f"fit trains cell/background networks: num_classes must be 2, got "
+                         f"{net.config['num_classes']}")
+    for value, name in ((batch_size, "batch_size"), (tile_size, "tile_size")):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if resume and checkpoint_path is None:
+        raise ValueError("resume=True needs a checkpoint_path")
+    train = as_dataset(train_data, "train_data")
+    val = None if val_data is None else as_dataset(val_data, "val_data")
+    targets, weights = zip(*(training_targets(
+        labels, weight_maps=weight_maps, w0=w0, sigma=sigma, class_weights=class_weights,
+        border_width=border_width) for labels in train.labels), strict=True)
+    input_size = net.input_size_for_output(tile_size)
+    output_size = net.output_size(input_size)
+    sampler = TileSampler(train.images, targets, weights, input_size=input_size,
+                          output_size=output_size, augment_tiles=augment,
+                          elastic_std=elastic_std)
+    if steps_per_epoch is None:
+        pixels = sum(t.size for t in targets)
+        steps_per_epoch = max(1, math.ceil(pixels / (batch_size * output_size**2)))
+    if steps is None:
+        steps = (epochs or 1) * steps_per_epoch
+    if steps < 1 or steps_per_epoch < 1:
+        raise ValueError(f"steps and steps_per_epoch must be positive, got {steps}, "
+                         f"{steps_per_epoch}")
+    settings = {"batch_size": batch_size, "tile_size": tile_size, "input_size": input_size,
+                "output_size": output_size, "optimizer": optimizer, "lr": lr,
+                "momentum": momentum, "weight_decay": weight_decay, "augment": augment,
+                "elastic_std": elastic_std, "weight_maps": weight_maps, "w0": w0,
+                "sigma": sigma, "border_width": border_width, "seed": seed,
+                "steps": steps, "steps_per_epoch": steps_per_epoch}
+    opt = make_optimizer(net, optimizer, lr, momentum, weight_decay)
+    rng = np.random.default_rng(seed)
+    history = History()
+    step = 0
+    if resume and os.path.exists(checkpoint_path):
+        meta, net_state, optimizer_state = load_checkpoint(checkpoint_path)
+        def architecture(config):  # the initialisation seed does not matter once loaded
+            return {k: v for k, v in config.items() if k != "seed"}
+
+        if architecture(meta["config"]) != architecture(net.config):
+            raise ValueError(f"checkpoint {checkpoint_path} was written for a network with "
+                             f"config {meta['config']}, not {net.config}")
+        net.load_state_dict(net_state)
+        opt.load_state_dict(optimizer_state)
+        rng.bit_generator.state = meta["rng"]
+        history = History(**meta["history"])
+        step = int(meta["step"])
+
+    device = net.device
+    net.train()
+    bar = tqdm(total=steps, initial=step, desc="training", disable=not progress,
+               unit="step", dynamic_ncols=True)
+    epoch_start, epoch_losses = time.perf_counter(), []
+    try:
+        while step < steps:
+            x, target, weight = sampler.sample(batch_size, rng)
+            x, weight = x.astype(net.dtype), weight.astype(net.dtype)
+            if device == "cupy":
+                x, target, weight = (to_device(a, "cupy") for a in (x, target, weight))
+            net.zero_grad()
+            logits = net.forward(x)
+            loss, grad = softmax_cross_entropy(logits, target, weight)
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"the training loss became {loss} at step {step + 1}; lower the learning "
+                    f"rate (lr={opt.lr}) or check the inputs for NaN/inf"
+                )
+            net.backward(grad)
+            opt.step()
+            step += 1
+            history.loss.append(loss)
+            epoch_losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if step % steps_per_epoch == 0 or step == steps:
+                record = {"epoch": len(history.epochs) + 1, "step": step,
+                          "train_loss": float(np.mean(epoch_losses)),
+                          "seconds": time.perf_counter() - epoch_start}
+                if val is not None:
+                    metrics = evaluate(net, val, tile_size=val_tile_size)
+                    record.update({f"val_{k}": v for k, v in metrics.items()})
+                    net.train()
+                    bar.set_postfix(loss=f"{loss:.4f}", val_iou=f"{metrics['iou']:.3f}")
+                history.epochs.append(record)
+                if checkpoint_path is not None:
+                    save_checkpoint(checkpoint_path, net, opt, history, rng, step, settings)
+                epoch_start, epoch_losses = time.perf_counter(), []
+    finally:
+        bar.close()
+    net.eval()
+    return history
