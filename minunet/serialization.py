@@ -1,0 +1,102 @@
+"""Saving and loading U-Nets, and converting weights to and from PyTorch.
+
+A checkpoint is one ``.npz`` file (NumPy's zip of arrays) holding
+
+* ``__config__``: the constructor arguments of :class:`minunet.UNet` as a JSON string,
+* ``__format__``: the checkpoint format version,
+* one array per state-dict entry (weights, biases, BatchNorm buffers), keyed by the dotted
+  names of :meth:`minunet.nn.Module.state_dict`, the same names PyTorch uses for
+  :class:`minunet.torch_reference.TorchUNet`.
+
+Files are written to a temporary file in the target directory and renamed over the target,
+so a crash never leaves a half-written checkpoint; they are read with
+``allow_pickle=False``, so loading a file cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+from minunet.backend import to_numpy
+
+FORMAT_VERSION = 1
+_CONFIG_KEY = "__config__"
+_FORMAT_KEY = "__format__"
+
+
+def save(net, path) -> None:
+    """Write ``net`` (a :class:`minunet.UNet`, on any device) to ``path`` atomically."""
+    path = os.fspath(path)
+    arrays = {name: to_numpy(value) for name, value in net.state_dict().items()}
+    arrays[_CONFIG_KEY] = np.array(json.dumps(net.config))
+    arrays[_FORMAT_KEY] = np.array(FORMAT_VERSION)
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            np.savez(stream, **arrays)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def load(path):
+    """Read a checkpoint written by :func:`save` and return the :class:`minunet.UNet`
+    (NumPy arrays; call ``.to("cupy")`` to move it).
+
+    Raises ``ValueError`` for a file that is not a minunet checkpoint, a corrupt file, or
+    weights that are missing or do not fit the stored configuration.
+    """
+    from minunet.unet import UNet
+
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise ValueError(f"{path} is not a readable minunet checkpoint (.npz): {exc}") from exc
+    if _CONFIG_KEY not in arrays or _FORMAT_KEY not in arrays:
+        raise ValueError(f"{path} is an .npz file but not a minunet checkpoint "
+                         f"(no {_CONFIG_KEY!r}/{_FORMAT_KEY!r} entries)")
+    version = int(arrays.pop(_FORMAT_KEY))
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path} has checkpoint format {version}, this minunet reads "
+                         f"format {FORMAT_VERSION}")
+    try:
+        config = json.loads(str(arrays.pop(_CONFIG_KEY)))
+        net = UNet(**config)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ValueError(f"{path} has an invalid network configuration: {exc}") from exc
+    net.load_state_dict(arrays)  # ValueError on missing/unexpected keys or wrong shapes
+    return net
+
+
+def to_torch_state_dict(net) -> dict:
+    """``net``'s weights and buffers as a PyTorch state dict for
+    :class:`minunet.torch_reference.TorchUNet` (same keys; CPU tensors, copies)."""
+    import torch
+
+    return {name: torch.from_numpy(np.array(to_numpy(value)))
+            for name, value in net.state_dict().items()}
+
+
+def from_torch_state_dict(state_dict: dict, **config):
+    """A :class:`minunet.UNet` built with ``config`` (the UNet constructor's arguments)
+    holding the weights of a :class:`~minunet.torch_reference.TorchUNet` state dict."""
+    from minunet.unet import UNet
+
+    net = UNet(**config)
+    net.load_state_dict({name: value.detach().cpu().numpy()
+                         for name, value in state_dict.items()})
+    return net
