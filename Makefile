@@ -19,7 +19,7 @@ book: $(STAMP)
 	# The chapters run in this virtual environment's kernel, whatever else is installed.
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (minunet)" >/dev/null
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" JUPYTER_PATH="$(CURDIR)/$(VENV)/share/jupyter" \
-	  $(VENV)/bin/jupyter-book build . --warningiserror --keep-going --path-output .
+	  $(VENV)/bin/jupyter-book build . --all --warningiserror --keep-going --path-output .
 	@echo "Book written to _build/html/index.html"
 
 check-book: $(STAMP)
