@@ -129,6 +129,14 @@ def relabel_sequential(labels) -> np.ndarray:
     return lookup[labels]
 
 
+def _drop_small(mask, min_size: int) -> np.ndarray:
+    """``mask`` without its 4-connected regions of fewer than ``min_size`` pixels."""
+    components, _ = ndimage.label(mask)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return sizes[components] >= min_size
+
+
 def label_instances(prob, *, threshold: float = 0.5, min_size: int = 10, h: float = 1.0,
                     smoothing: float = 1.0, separate: bool = True,
                     gap_width: int = 1) -> np.ndarray:
@@ -136,7 +144,7 @@ def label_instances(prob, *, threshold: float = 0.5, min_size: int = 10, h: floa
 
     ``prob``: foreground probability (H, W) or class probabilities (C, H, W). Pixels with
     foreground probability ``> threshold`` are cells; connected regions smaller than
-    ``min_size`` pixels are dropped; with ``separate`` touching cells are split with
+    ``min_size`` pixels are dropped and holes smaller than ``min_size`` pixels filled; with ``separate`` touching cells are split with
     :func:`split_touching` (``h``, ``smoothing`` in pixels), otherwise every connected region
     is one cell; finally the gaps between touching cells are filled
     (:func:`fill_separation_gaps` with ``gap_width``; 0 = keep the gaps).
@@ -144,10 +152,9 @@ def label_instances(prob, *, threshold: float = 0.5, min_size: int = 10, h: floa
     if not 0 <= threshold < 1:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
     mask = foreground_probability(prob) > threshold
-    components, _ = ndimage.label(mask)
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    mask = sizes[components] >= min_size
+    mask = _drop_small(mask, min_size)
+    holes = ndimage.binary_fill_holes(mask) & ~mask
+    mask |= holes & ~_drop_small(holes, min_size)  # fill holes smaller than min_size
     labels = split_touching(mask, h=h, smoothing=smoothing) if separate else ndimage.label(mask)[0]
     if gap_width > 0:
         labels = fill_separation_gaps(labels, gap_width)

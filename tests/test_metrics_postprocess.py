@@ -202,3 +202,13 @@ def test_foreground_probability_and_errors():
         foreground_probability(np.zeros((1, 4, 4)))
     with pytest.raises(ValueError, match="threshold"):
         label_instances(np.zeros((4, 4)), threshold=1.5)
+
+
+def test_small_specks_dropped_and_small_holes_filled():
+    prob = disc((30, 30), (15, 15), 8).astype(np.float32)
+    prob[15, 15] = 0  # a one-pixel hole
+    prob[1, 1] = 1  # a one-pixel speck
+    labels = label_instances(prob, min_size=5)
+    assert labels.max() == 1 and labels[15, 15] == 1 and labels[1, 1] == 0
+    ring = disc((40, 40), (20, 20), 15) & ~disc((40, 40), (20, 20), 6)  # a large hole stays
+    assert label_instances(ring.astype(np.float32), min_size=5, separate=False)[20, 20] == 0

@@ -1,0 +1,7 @@
+"""``python -m minunet``: see :mod:`minunet.cli`."""
+
+import sys
+
+from minunet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,461 @@
+"""The command line: ``python -m minunet {train,predict,evaluate,count}``.
+
+Every subcommand works without arguments on synthetic cells, so ``python -m minunet train``
+followed by ``python -m minunet evaluate`` is a complete first experiment. Errors the user
+can fix (a missing file, an unreadable image, a checkpoint that does not fit) end with one
+line on stderr and exit status 1, never with a traceback; outputs are written atomically, so
+an existing file is never replaced by a partial one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MODEL = os.path.join("runs", "minunet.npz")
+TRAIN_SEED, EVALUATE_SEED = 0, 1000
+DATA_HELP = (
+    "'synthetic' (generated cells, the default), 'dsb2018' (the DSB 2018 nuclei image from "
+    "the stardist package: left half to train, right half to validate), or a folder: the "
+    "ISBI 2012 training set (train-volume.tif/train-labels.tif or train/image, train/label) "
+    "or image/mask pairs (images/NAME + masks/NAME, or NAME + NAME_mask)"
+)
+
+
+class UserError(Exception):
+    """A problem with the command's inputs, reported as one line."""
+
+
+# --- small helpers --------------------------------------------------------------------------
+
+
+def atomic_write(path, write) -> None:
+    """Call ``write(temporary_path)`` and move the result onto ``path`` in one step.
+
+    The temporary file lives in the target directory and keeps the target's suffix, so
+    writers that choose the format from the name (Pillow, tifffile, matplotlib) work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def write_json(path, payload) -> None:
+    def write(temporary):
+        with open(temporary, "w") as stream:
+            json.dump(payload, stream, indent=2)
+            stream.write("\n")
+
+    atomic_write(path, write)
+
+
+def write_array(path, array, *, kind: str) -> None:
+    """Save ``array`` by the file's extension: ``.npy``, ``.tif``/``.tiff`` or ``.png``.
+
+    ``kind="probabilities"`` (float in [0, 1]; a PNG gets the last channel as 8-bit gray) or
+    ``"labels"`` (integers; a PNG gets 16-bit values).
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npy":
+        atomic_write(path, lambda t: np.save(t, array))
+    elif suffix in (".tif", ".tiff"):
+        import tifffile
+
+        data = array.astype(np.float32 if kind == "probabilities" else np.int32)
+        atomic_write(path, lambda t: tifffile.imwrite(t, data))
+    elif suffix == ".png":
+        from PIL import Image
+
+        if kind == "probabilities":
+            data = np.round(np.clip(array[-1] if array.ndim == 3 else array, 0, 1) * 255)
+            data = data.astype(np.uint8)
+        else:
+            if array.max(initial=0) > 65535:
+                raise UserError(f"{path}: more than 65535 labels do not fit a PNG; use .tif")
+            data = array.astype(np.uint16)
+        atomic_write(path, lambda t: Image.fromarray(data).save(t, format="PNG"))
+    else:
+        raise UserError(f"{path}: unknown output type {suffix!r} (use .npy, .tif or .png)")
+
+
+def save_overlay(path, image, labels, title: str = "") -> None:
+    """A PNG with the image on the left and the found cells' outlines on top of it on the
+    right (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy import ndimage
+
+    gray = image.mean(axis=0) if image.ndim == 3 else image
+    outlines = (labels > 0) & (ndimage.grey_erosion(labels, size=(3, 3)) != labels)
+    figure, axes = plt.subplots(1, 2, figsize=(10, 5.4))
+    axes[0].imshow(gray, cmap="gray")
+    axes[0].set_title("image")
+    axes[1].imshow(gray, cmap="gray")
+    axes[1].imshow(np.ma.masked_where(~outlines, outlines), cmap="autumn", alpha=0.9,
+                   interpolation="nearest")
+    axes[1].set_title(title or f"{int(labels.max())} cells found")
+    for axis in axes:
+        axis.set_axis_off()
+    figure.tight_layout()
+    try:
+        atomic_write(path, lambda t: figure.savefig(t, format="png", dpi=100))
+    finally:
+        plt.close(figure)
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]], stream=None) -> None:
+    """Print ``rows`` as an aligned text table; ``columns``: (key, header, format spec)."""
+    stream = stream or sys.stdout
+    cells = [[format(row[key], spec) if row.get(key) is not None else "-"
+              for key, _, spec in columns] for row in rows]
+    widths = [max(len(header), *(len(c[i]) for c in cells)) if cells else len(header)
+              for i, (_, header, _) in enumerate(columns)]
+    print("  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths, strict=True)), file=stream)
+    print("  ".join("-" * w for w in widths), file=stream)
+    for row in cells:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)), file=stream)
+
+
+def load_model(path, device: str):
+    import minunet
+
+    if not Path(path).is_file():
+        raise UserError(f"no model file {path} (train one with: python -m minunet train)")
+    net = minunet.load(path)
+    return to_device(net, device)
+
+
+def to_device(net, device: str):
+    if device == "gpu":
+        from minunet.backend import require_cupy
+
+        require_cupy()  # RuntimeError with the reason, reported as one line
+        net.to("cupy")
+    return net
+
+
+def read_input_image(path, net):
+    """An image file as float32 (C, H, W) in [0, 1] for ``net`` (colour images are averaged
+    to gray for a one-channel network)."""
+    from minunet.data import as_image, read_image
+
+    image = as_image(read_image(path), name=str(path))
+    channels = net.config["in_channels"]
+    if image.ndim == 3 and channels == 1:
+        image = image.mean(axis=0)
+    if image.ndim == 2 and channels != 1:
+        raise UserError(f"{path} is a gray image but the model expects {channels} channels")
+    if image.ndim == 3 and image.shape[0] != channels:
+        raise UserError(f"{path} has {image.shape[0]} channels, the model expects {channels}")
+    return image
+
+
+def load_data(args, split: str):
+    """``(train, val)`` datasets for ``--data`` (see DATA_HELP); ``split`` is 'train' or
+    'evaluate' (evaluation on synthetic data uses fresh images)."""
+    from minunet.data import (
+        Dataset,
+        load_dsb2018_nuclei,
+        load_folder,
+        load_isbi2012,
+        synthetic_cells,
+    )
+
+    if args.seed is None:
+        args.seed = TRAIN_SEED if split == "train" else EVALUATE_SEED
+    if args.data == "synthetic":
+        size = args.image_size
+        if split == "train":
+            images, labels = synthetic_cells(args.num_images, size, seed=args.seed)
+            val_images, val_labels = synthetic_cells(max(1, args.num_images // 4), size,
+                                                     seed=args.seed + 1)
+        else:
+            images = labels = np.zeros((0, size, size))
+            val_images, val_labels = synthetic_cells(args.num_images, size, seed=args.seed)
+        return (Dataset(list(images), list(labels), [f"synthetic_{i}" for i in range(len(images))]),
+                Dataset(list(val_images), list(val_labels),
+                        [f"synthetic_val_{i}" for i in range(len(val_images))]))
+    if args.data == "dsb2018":
+        image, labels = load_dsb2018_nuclei()[0]
+        half = image.shape[-1] // 2
+        return (Dataset([image[..., :half]], [labels[:, :half]], ["dsb2018_left"]),
+                Dataset([image[..., half:]], [labels[:, half:]], ["dsb2018_right"]))
+    root = Path(args.data)
+    if not root.exists():
+        raise UserError(f"--data {args.data}: no such folder (choose {DATA_HELP})")
+    isbi = (root / "train-volume.tif").is_file() or (root / "train" / "image").is_dir()
+    data = load_isbi2012(root) if isbi else load_folder(root)
+    if len(data) < 2:
+        return data, data
+    num_val = max(1, int(round(len(data) * args.val_fraction)))
+    return data[: len(data) - num_val], data[len(data) - num_val:]
+
+
+# --- subcommands ----------------------------------------------------------------------------
+
+
+def command_train(args) -> int:
+    import minunet
+    from minunet.postprocess import label_instances
+    from minunet.train import fit
+
+    train, val = load_data(args, "train")
+    channels = train.images[0].shape[0] if train.images[0].ndim == 3 else 1
+    net = minunet.UNet(in_channels=channels, depth=args.depth, base_channels=args.base_channels,
+                       padding=args.padding, batch_norm=args.batch_norm, dropout=args.dropout,
+                       seed=args.seed)
+    to_device(net, args.device)
+    if not args.quiet:
+        print(f"training {net!r} on {len(train)} image(s), validating on {len(val)}",
+              file=sys.stderr)
+    start = time.perf_counter()
+    history = fit(net, train, val, steps=args.steps, steps_per_epoch=args.steps_per_epoch,
+                  batch_size=args.batch_size, tile_size=args.tile_size,
+                  optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+                  augment=not args.no_augment, weight_maps=not args.no_weight_maps,
+                  seed=args.seed, checkpoint_path=args.checkpoint, resume=args.resume,
+                  progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    minunet.save(net, args.out)
+    history_path = Path(args.out).with_suffix(".history.json")
+    write_json(history_path, {"config": net.config, "seconds": seconds, **history.as_dict()})
+    image, _ = val[0]
+    found = label_instances(minunet.predict(net, image, tile_size=args.predict_tile_size))
+    overlay = args.overlay or str(Path(args.out).with_suffix("")) + "_overlay.png"
+    save_overlay(overlay, image, found, f"{val.names[0]}: {found.max()} cells found")
+    print_table(history.epochs, [("epoch", "epoch", "d"), ("step", "step", "d"),
+                                 ("train_loss", "loss", ".4f"), ("val_iou", "val IoU", ".3f"),
+                                 ("val_dice", "val Dice", ".3f"), ("val_f1", "val F1", ".3f"),
+                                 ("val_count_error", "count err", ".1%"),
+                                 ("seconds", "seconds", ".1f")])
+    print(f"model: {args.out}  history: {history_path}  overlay: {overlay}  "
+          f"({seconds:.0f} s)")
+    return 0
+
+
+def command_predict(args) -> int:
+    from minunet.inference import predict
+    from minunet.postprocess import label_instances
+
+    net = load_model(args.model, args.device)
+    image = read_input_image(args.image, net)
+    prob = predict(net, image, tile_size=args.tile_size, tta=args.tta, progress=not args.quiet)
+    labels = label_instances(prob, threshold=args.threshold)
+    write_array(args.output, prob, kind="probabilities")
+    if args.labels:
+        write_array(args.labels, labels, kind="labels")
+    if args.overlay:
+        save_overlay(args.overlay, image, labels)
+    print(f"{args.image}: {labels.max()} cells; probabilities written to {args.output}")
+    return 0
+
+
+def command_evaluate(args) -> int:
+    from minunet.inference import predict
+    from minunet.metrics import segmentation_report
+    from minunet.postprocess import label_instances
+
+    net = load_model(args.model, args.device)
+    _, data = load_data(args, "evaluate")
+    rows = []
+    for name, image, truth in zip(data.names, data.images, data.labels, strict=True):
+        prob = predict(net, image, tile_size=args.tile_size, tta=args.tta)
+        found = label_instances(prob, threshold=args.threshold)
+        rows.append({"image": name, **segmentation_report(found, truth)})
+    keys = [k for k in rows[0] if k != "image"]
+    mean = {"image": "mean", **{k: float(np.mean([r[k] for r in rows])) for k in keys}}
+    print_table(rows + [mean], [("image", "image", "s"), ("iou", "IoU", ".3f"),
+                                ("dice", "Dice", ".3f"), ("pixel_error", "pixel err", ".4f"),
+                                ("rand_error", "Rand err", ".4f"), ("f1", "F1", ".3f"),
+                                ("true_count", "cells", ".0f"), ("pred_count", "found", ".0f"),
+                                ("relative_count_error", "count err", ".1%")])
+    if args.json:
+        write_json(args.json, {"model": str(args.model), "data": args.data, "images": rows,
+                               "mean": mean})
+    return 0
+
+
+def command_count(args) -> int:
+    from minunet.postprocess import count_cells
+
+    net = load_model(args.model, args.device)
+    rows = []
+    for path in args.images:
+        image = read_input_image(path, net)
+        result = count_cells(image, net, threshold=args.threshold, tile_size=args.tile_size,
+                             tta=args.tta)
+        rows.append({"image": str(path), "cells": result.count})
+        if args.overlay_dir:
+            save_overlay(Path(args.overlay_dir) / f"{Path(path).stem}_overlay.png", image,
+                         result.labels)
+    print_table(rows, [("image", "image", "s"), ("cells", "cells", "d")])
+    return 0
+
+
+# --- argument parsing -----------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m minunet",
+        description="Segment and count cells with a U-Net written from scratch. Every "
+                    "command works without arguments on synthetic cells.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="where to compute: NumPy on the CPU, or CuPy on an NVIDIA GPU "
+                             "(default: cpu)")
+    common.add_argument("--threads", type=_positive, default=None,
+                        help="BLAS threads (default: the library's choice; 1 is fastest on "
+                             "a busy machine)")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    inference = argparse.ArgumentParser(add_help=False)
+    inference.add_argument("--model", default=DEFAULT_MODEL,
+                           help=f"trained network (.npz written by train; default {DEFAULT_MODEL})")
+    inference.add_argument("--tile-size", type=_positive, default=None,
+                           help="edge of the output tile per forward pass (default: whole "
+                                "image at once)")
+    inference.add_argument("--tta", action="store_true",
+                           help="average over the 8 rotations/flips (test-time augmentation)")
+    inference.add_argument("--threshold", type=float, default=0.5,
+                           help="foreground probability above which a pixel is a cell "
+                                "(default 0.5)")
+
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--data", default="synthetic", help=f"the data: {DATA_HELP}")
+    data.add_argument("--image-size", type=_positive, default=128,
+                      help="edge of the synthetic images (default 128)")
+    data.add_argument("--seed", type=int, default=None,
+                      help="seed of the synthetic data, the network and the training "
+                           f"(default: {TRAIN_SEED} for train, {EVALUATE_SEED} for evaluate, "
+                           "so evaluation sees images that training did not)")
+    data.add_argument("--val-fraction", type=float, default=0.2,
+                      help="share of a folder's images kept for validation (default 0.2)")
+
+    train = sub.add_parser("train", parents=[common, data], help="train a U-Net",
+                           description="Train a U-Net and save it; prints a summary table "
+                                       "and writes a history (JSON) and an overlay (PNG).")
+    train.add_argument("--num-images", type=_positive, default=12,
+                       help="synthetic training images (default 12; validation: a quarter "
+                            "as many, from another seed)")
+    train.add_argument("--depth", type=_positive, default=3,
+                       help="resolution levels of the U-Net (paper: 5; default 3)")
+    train.add_argument("--base-channels", type=_positive, default=8,
+                       help="channels of the top level, doubled per level (paper: 64; "
+                            "default 8)")
+    train.add_argument("--padding", choices=("same", "valid"), default="same",
+                       help="'valid' convolutions as in the paper, or 'same' (default)")
+    train.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=True,
+                       help="BatchNorm after each convolution (default: on)")
+    train.add_argument("--dropout", type=float, default=0.0,
+                       help="dropout at the bottom of the U (default 0)")
+    train.add_argument("--steps", type=_positive, default=80,
+                       help="training steps (default 80)")
+    train.add_argument("--steps-per-epoch", type=_positive, default=None,
+                       help="steps between validations/checkpoints (default: one pass "
+                            "over the training pixels)")
+    train.add_argument("--batch-size", type=_positive, default=4,
+                       help="tiles per step (default 4)")
+    train.add_argument("--tile-size", type=_positive, default=64,
+                       help="edge of the output tile (default 64)")
+    train.add_argument("--predict-tile-size", type=_positive, default=None,
+                       help="tile size for the final overlay prediction (default: whole image)")
+    train.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                       help="Adam (default) or SGD with momentum (the paper's)")
+    train.add_argument("--lr", type=float, default=None,
+                       help="learning rate (default: 1e-3 for Adam, 0.01 for SGD)")
+    train.add_argument("--momentum", type=float, default=0.99,
+                       help="SGD momentum (paper: 0.99)")
+    train.add_argument("--no-augment", action="store_true",
+                       help="no rotations/flips, elastic deformations or gray-value changes")
+    train.add_argument("--no-weight-maps", action="store_true",
+                       help="class-balanced weights only, without the paper's border term")
+    train.add_argument("--out", default=DEFAULT_MODEL,
+                       help=f"where to save the network (default {DEFAULT_MODEL})")
+    train.add_argument("--checkpoint", default=None,
+                       help="training checkpoint written after every epoch (for --resume)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from --checkpoint if it exists")
+    train.add_argument("--overlay", default=None,
+                       help="overlay PNG of a validation image (default: next to --out)")
+    train.set_defaults(run=command_train)
+
+    predict = sub.add_parser("predict", parents=[common, inference],
+                             help="segment one image",
+                             description="Write the class probabilities of an image.")
+    predict.add_argument("image", help="input image (PNG, TIFF, JPEG...)")
+    predict.add_argument("-o", "--output", required=True,
+                         help="probabilities: .npy (C, H, W float32), .tif, or .png "
+                              "(foreground probability as 8-bit gray)")
+    predict.add_argument("--labels", default=None,
+                         help="also write the labelled cells (.tif, .png or .npy)")
+    predict.add_argument("--overlay", default=None, help="also write an overlay PNG")
+    predict.set_defaults(run=command_predict)
+
+    evaluate = sub.add_parser("evaluate", parents=[common, inference, data],
+                              help="score a model on labelled images",
+                              description="IoU, Dice, pixel error, Rand error, object F1 and "
+                                          "count error per image and on average.")
+    evaluate.add_argument("--num-images", type=_positive, default=4,
+                          help="synthetic evaluation images (default 4)")
+    evaluate.add_argument("--json", default=None, help="also write the scores as JSON")
+    evaluate.set_defaults(run=command_evaluate)
+
+    count = sub.add_parser("count", parents=[common, inference], help="count cells",
+                           description="Count the cells in one or more images.")
+    count.add_argument("images", nargs="+", help="input images")
+    count.add_argument("--overlay-dir", default=None,
+                       help="write NAME_overlay.png for every image into this folder")
+    count.set_defaults(run=command_count)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status (0 success, 1 error, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    limits = contextlib.nullcontext()
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+
+        limits = threadpool_limits(args.threads)
+    try:
+        with limits:
+            return args.run(args)
+    except KeyboardInterrupt:
+        print("minunet: interrupted", file=sys.stderr)
+        return 130
+    except (UserError, FileNotFoundError, ValueError, TypeError, OSError, RuntimeError,
+            FloatingPointError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"minunet {args.command}: error: {message}", file=sys.stderr)
+        return 1
