@@ -144,10 +144,11 @@ def label_instances(prob, *, threshold: float = 0.5, min_size: int = 10, h: floa
 
     ``prob``: foreground probability (H, W) or class probabilities (C, H, W). Pixels with
     foreground probability ``> threshold`` are cells; connected regions smaller than
-    ``min_size`` pixels are dropped and holes smaller than ``min_size`` pixels filled; with ``separate`` touching cells are split with
-    :func:`split_touching` (``h``, ``smoothing`` in pixels), otherwise every connected region
-    is one cell; finally the gaps between touching cells are filled
-    (:func:`fill_separation_gaps` with ``gap_width``; 0 = keep the gaps).
+    ``min_size`` pixels are dropped and holes smaller than ``min_size`` pixels filled; with
+    ``separate`` touching cells are split with :func:`split_touching` (``h``, ``smoothing``
+    in pixels), otherwise every connected region is one cell; finally the gaps between
+    touching cells are filled (:func:`fill_separation_gaps` with ``gap_width``; 0 = keep
+    the gaps).
     """
     if not 0 <= threshold < 1:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
