@@ -192,7 +192,7 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
         weight_maps: bool = True, w0: float = 10.0, sigma: float = 5.0,
         class_weights="balanced", border_width: int = 1, seed: int = 0,
         checkpoint_path=None, resume: bool = False, progress: bool = True,
-        val_tile_size: int | None = None) -> History:
+        val_tile_size: int | None = None, max_seconds: float | None = None) -> History:
     """Train ``net`` (in place) and return its :class:`History`.
 
     Parameters
@@ -220,6 +220,8 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
         ``resume``, continue from it if it exists (the network config must match).
     progress : tqdm progress bar over the steps.
     val_tile_size : ``tile_size`` of :func:`minunet.predict` during validation.
+    max_seconds : stop early, after the step during which this much wall time has passed
+        (validation and checkpoint then happen as at the end of an epoch).
 
     Raises ``FloatingPointError`` naming the step if the loss becomes NaN or infinite.
     """
@@ -277,7 +279,8 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
     net.train()
     bar = tqdm(total=steps, initial=step, desc="training", disable=not progress,
                unit="step", dynamic_ncols=True)
-    epoch_start, epoch_losses = time.perf_counter(), []
+    started = epoch_start = time.perf_counter()
+    epoch_losses = []
     try:
         while step < steps:
             x, target, weight = sampler.sample(batch_size, rng)
@@ -300,7 +303,8 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
             epoch_losses.append(loss)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
-            if step % steps_per_epoch == 0 or step == steps:
+            out_of_time = max_seconds is not None and time.perf_counter() - started > max_seconds
+            if step % steps_per_epoch == 0 or step == steps or out_of_time:
                 record = {"epoch": len(history.epochs) + 1, "step": step,
                           "train_loss": float(np.mean(epoch_losses)),
                           "seconds": time.perf_counter() - epoch_start}
@@ -313,6 +317,8 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
                 if checkpoint_path is not None:
                     save_checkpoint(checkpoint_path, net, opt, history, rng, step, settings)
                 epoch_start, epoch_losses = time.perf_counter(), []
+            if out_of_time:
+                break
     finally:
         bar.close()
     net.eval()

@@ -117,3 +117,11 @@ def test_fit_argument_errors(cells):
         fit(small_net(), train, steps=1, resume=True, **FAST)
     with pytest.raises(TypeError, match="train_data"):
         fit(small_net(), "cells", steps=1, **FAST)
+
+
+def test_time_budget_stops_early_with_a_final_record(cells):
+    train, val = cells
+    history = fit(small_net(), train, val, steps=1000, steps_per_epoch=500, max_seconds=0.0,
+                  **FAST)
+    assert len(history.loss) == 1
+    assert len(history.epochs) == 1 and "val_iou" in history.epochs[0]
