@@ -159,10 +159,8 @@ def kernel_cases(cp, torch, quick):
         from minunet import UNet
 
         shapes = [p.shape for p in UNet(depth=5, base_channels=64, seed=0).parameters()]
-        params = [pair(s) for s in shapes]
-        grads = [pair(s) for s in shapes]
-        state = [pair(s) for s in shapes]
-        state2 = [pair(s) for s in shapes]
+        params, grads = [pair(s) for s in shapes], [pair(s) for s in shapes]
+        velocities, m, v = ([cp.zeros(s, dtype=np.float32) for s in shapes] for _ in range(3))
         t_params = [torch.nn.Parameter(tp) for _, tp in params]
         for tp, (_, tg) in zip(t_params, grads, strict=True):
             tp.grad = tg
@@ -171,12 +169,12 @@ def kernel_cases(cp, torch, quick):
         count = sum(int(np.prod(s)) for s in shapes)
 
         def our_sgd():
-            for (p, _), (g, _), (v, _) in zip(params, grads, state, strict=True):
-                ops.sgd_momentum_update(p, g, v, 1e-6, 0.99)
+            for (p, _), (g, _), velocity in zip(params, grads, velocities, strict=True):
+                ops.sgd_momentum_update(p, g, velocity, 1e-6, 0.99)
 
         def our_adam():
-            for (p, _), (g, _), (m, _), (v, _) in zip(params, grads, state, state2, strict=True):
-                ops.adam_update(p, g, m, v, 1, 1e-6)
+            for (p, _), (g, _), m_i, v_i in zip(params, grads, m, v, strict=True):
+                ops.adam_update(p, g, m_i, v_i, 1, 1e-6)
 
         cases.append((f"SGD momentum step, U-Net {count / 1e6:.1f}M parameters", our_sgd, sgd.step))
         cases.append((f"Adam step, U-Net {count / 1e6:.1f}M parameters", our_adam, adam.step))

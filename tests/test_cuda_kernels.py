@@ -310,9 +310,9 @@ def test_every_kernel_is_launched_by_the_ops(emulated_runner, rng):
     device("max_pool2d_backward", y, x, 2)
     device("relu_backward", x, device("relu", x))
     device("softmax_cross_entropy", x, rng.integers(0, 2, (1, 4, 4)))
-    p = device.put(np.zeros(3))
-    ops.sgd_momentum_update(p, p, p, 0.1, 0.9, runner=emulated_runner)
-    ops.adam_update(p, p, p, p, 1, 0.1, runner=emulated_runner)
+    p, g, m, v = (device.put(np.zeros(3)) for _ in range(4))
+    ops.sgd_momentum_update(p, g, m, 0.1, 0.9, runner=emulated_runner)
+    ops.adam_update(p, g, m, v, 1, 0.1, runner=emulated_runner)
     missed = [name for file in cuda.KERNEL_FILES for name in cuda.kernel_names(file)
               if emulated_runner.launched.get(name, 0) == before.get(name, 0)]
     assert not missed
