@@ -138,6 +138,12 @@ def test_conv2d_rejects_bad_arguments(device, rng):
         device("conv2d", x, rng.standard_normal((3, 4, 3, 3)))
 
 
+def test_sizes_beyond_int_indices_are_refused_before_allocating(device):
+    x, weight = np.ones((1, 1, 2, 2)), np.ones((1, 1, 1, 1))
+    with pytest.raises(ValueError, match="32-bit int"):  # a 50001 x 50001 output
+        device("conv_transpose2d", x, weight, stride=50000)
+
+
 # --- Max-pooling ----------------------------------------------------------------------------
 
 POOL_CASES = {

@@ -146,12 +146,22 @@ class ConvSizes(NamedTuple):
 
     @classmethod
     def of(cls, batch: int, in_channels: int, out_channels: int, g: ConvGeometry) -> ConvSizes:
-        """Sizes of the convolution ``in_channels -> out_channels`` with geometry ``g``."""
+        """Sizes of the convolution ``in_channels -> out_channels`` with geometry ``g``;
+        refuses (ValueError) what the kernels' int indices cannot address."""
         (top, _), (left, _) = g.padding
-        return cls(batch, in_channels, *g.in_hw, out_channels, *g.kernel_size, *g.out_hw,
-                   *g.stride, top, left, *g.dilation)
+        sizes = cls(batch, in_channels, *g.in_hw, out_channels, *g.kernel_size, *g.out_hw,
+                    *g.stride, top, left, *g.dilation)
+        sizes.kernel_args()
+        return sizes
 
     def kernel_args(self) -> tuple[np.int32, ...]:
+        """The sizes as C ints, after checking that no tensor of the convolution (input,
+        output, weight) has 2**31 elements or more."""
+        _int(self.batch * self.in_channels * self.in_h * self.in_w, "the input's element count")
+        _int(self.batch * self.out_channels * self.out_h * self.out_w,
+             "the output's element count")
+        _int(self.out_channels * self.in_channels * self.kernel_h * self.kernel_w,
+             "the weight's element count")
         return tuple(_int(value, name) for name, value in zip(self._fields, self, strict=True))
 
 
