@@ -70,31 +70,35 @@ def _taps(geometry: ConvGeometry):
     return [(a, b) for a in range(kh) for b in range(kw)]
 
 
-def _pool(x_pad, geometry: ConvGeometry):
-    """Running maximum over the taps: (N, C, H_pad, W_pad) -> (N, C, H_out, W_out)."""
+def _pool(x_pad, geometry: ConvGeometry, *, track_winner: bool):
+    """Running maximum over the taps, and (if ``track_winner``) which tap won:
+    (N, C, H_pad, W_pad) -> (out, winner), both (N, C, H_out, W_out), ``winner = a*kW + b``
+    of the first tap in row-major window order that attains the maximum (else ``None``)."""
     first, *rest = _taps(geometry)
     out = tap(x_pad, *first, geometry).copy()
-    for a, b in rest:
-        np.maximum(out, tap(x_pad, a, b, geometry), out=out)
-    return out
-
-
-def _winning_tap(x_pad, out, geometry: ConvGeometry):
-    """Index ``a*kW + b`` of the first tap of each window that equals its maximum."""
-    winner = np.full(out.shape, -1, dtype=np.int64)
-    for index, (a, b) in enumerate(_taps(geometry)):
-        winner[(winner < 0) & (tap(x_pad, a, b, geometry) == out)] = index
-    return winner
+    taps_dtype = np.min_scalar_type(len(rest))  # uint8 for kernels up to 16x16: less traffic
+    winner = np.zeros(out.shape, dtype=taps_dtype) if track_winner else None
+    for index, (a, b) in enumerate(rest, start=1):
+        candidate = tap(x_pad, a, b, geometry)
+        if track_winner:  # strictly greater: on a tie the earlier tap keeps the win
+            np.copyto(winner, index, where=candidate > out)
+        np.maximum(out, candidate, out=out)
+    return out, winner
 
 
 def _flat_indices(winner, geometry: ConvGeometry):
-    """Tap indices -> PyTorch's indices: flat positions ``row*W + col`` in the unpadded input."""
+    """Tap indices -> PyTorch's indices: flat positions ``row*W + col`` in the unpadded input.
+
+    Output pixel ``(i, j)`` and tap ``(a, b)`` read input pixel
+    ``(i*s_h + a - top, j*s_w + b - left)``: a per-pixel part plus a per-tap offset.
+    """
     (sh, sw), ((top, _), (left, _)) = geometry.stride, geometry.padding
     (h_out, w_out), width = geometry.out_hw, geometry.in_hw[1]
-    a, b = np.divmod(winner, geometry.kernel_size[1])
-    rows = np.arange(h_out)[:, None] * sh + a - top
-    cols = np.arange(w_out)[None, :] * sw + b - left
-    return rows * width + cols
+    window_corner = (np.arange(h_out)[:, None] * sh - top) * width + (
+        np.arange(w_out) * sw - left
+    )
+    tap_offset = np.array([a * width + b for a, b in _taps(geometry)], dtype=np.int64)
+    return window_corner + tap_offset[winner]
 
 
 @dispatch_on_array_type
@@ -117,10 +121,8 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, return_indices=False):
     """
     geometry = max_pool2d_arguments(x, kernel_size, stride, padding)
     x_pad = pad2d(x, geometry.padding, -np.inf)
-    out = _pool(x_pad, geometry)
-    if not return_indices:
-        return out
-    return out, _flat_indices(_winning_tap(x_pad, out, geometry), geometry)
+    out, winner = _pool(x_pad, geometry, track_winner=return_indices)
+    return (out, _flat_indices(winner, geometry)) if return_indices else out
 
 
 @dispatch_on_array_type
@@ -137,11 +139,19 @@ def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0, indice
     if indices is not None:
         return _scatter_to_indices(grad_out, indices, x.shape, geometry)
     x_pad = pad2d(x, geometry.padding, -np.inf)
-    winner = _winning_tap(x_pad, _pool(x_pad, geometry), geometry)
+    _, winner = _pool(x_pad, geometry, track_winner=True)
     grad_x_pad = np.zeros_like(x_pad)
     for index, (a, b) in enumerate(_taps(geometry)):
-        tap(grad_x_pad, a, b, geometry)[...] += np.where(winner == index, grad_out, 0)
+        target = tap(grad_x_pad, a, b, geometry)
+        if _windows_overlap(geometry):  # a pixel may win several windows: accumulate
+            target += np.where(winner == index, grad_out, 0)
+        else:  # every pixel is read by one tap of one window: copying is enough
+            np.copyto(target, grad_out, where=winner == index)
     return crop2d(grad_x_pad, geometry)
+
+
+def _windows_overlap(geometry: ConvGeometry) -> bool:
+    return any(s < k for s, k in zip(geometry.stride, geometry.kernel_size, strict=True))
 
 
 def _scatter_to_indices(grad_out, indices, x_shape, geometry: ConvGeometry):
@@ -155,8 +165,7 @@ def _scatter_to_indices(grad_out, indices, x_shape, geometry: ConvGeometry):
     planes = x_shape[0] * x_shape[1]
     grad_x = np.zeros((planes, x_shape[2] * x_shape[3]), dtype=grad_out.dtype)
     flat_indices, flat_grad = indices.reshape(planes, -1), grad_out.reshape(planes, -1)
-    windows_overlap = any(s < k for s, k in zip(geometry.stride, geometry.kernel_size, strict=True))
-    if windows_overlap:  # a pixel may win several windows: accumulate
+    if _windows_overlap(geometry):  # a pixel may win several windows: accumulate
         np.add.at(grad_x, (np.arange(planes)[:, None], flat_indices), flat_grad)
     else:  # every pixel wins at most one window: a plain assignment
         np.put_along_axis(grad_x, flat_indices, flat_grad, axis=1)
