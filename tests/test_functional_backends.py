@@ -78,27 +78,52 @@ class FakeCupyArray:
     shape = (1, 1, 4, 4)
 
 
-NUMPY_ONLY = ("im2col", "col2im")
-DISPATCHED = [n for n in mf.__all__ if not n.endswith("_reference") and n not in NUMPY_ONLY]
+def fake_cuda_ops(monkeypatch, name, result):
+    """Install a stand-in ``minunet.cuda.ops`` whose ``name`` records its calls."""
+    import sys
+    import types
+
+    calls = []
+    fake_ops = types.ModuleType("minunet.cuda.ops")
+    setattr(fake_ops, name, lambda *args, **kwargs: calls.append((args, kwargs)) or result)
+    fake_package = types.ModuleType("minunet.cuda")
+    fake_package.ops = fake_ops
+    monkeypatch.setitem(sys.modules, "minunet.cuda", fake_package)
+    monkeypatch.setitem(sys.modules, "minunet.cuda.ops", fake_ops)
+    return calls
+
+
+# the NumPy-only helpers, and convolve2d/correlate2d which reach the GPU through conv2d
+NOT_DISPATCHED = ("im2col", "col2im", "convolve2d", "correlate2d")
+DISPATCHED = [n for n in mf.__all__ if not n.endswith("_reference") and n not in NOT_DISPATCHED]
 
 
 @pytest.mark.parametrize("name", DISPATCHED)
 def test_public_kernels_forward_cupy_arrays_to_cuda_ops(name, monkeypatch):
     """Without touching a GPU: a fake CuPy array must reach minunet.cuda.ops.<same name>,
-    with the arguments unchanged (the references and im2col helpers are NumPy-only)."""
-    import sys
-    import types
-
-    function = getattr(mf, name)
-    calls = []
-    fake_ops = types.ModuleType("minunet.cuda.ops")
-    setattr(fake_ops, name, lambda *args, **kwargs: calls.append((args, kwargs)) or "gpu")
-    monkeypatch.setitem(sys.modules, "minunet.cuda.ops", fake_ops)
-    monkeypatch.setitem(sys.modules, "minunet.cuda", types.ModuleType("minunet.cuda"))
-    sys.modules["minunet.cuda"].ops = fake_ops
+    with the arguments unchanged."""
+    calls = fake_cuda_ops(monkeypatch, name, "gpu")
     x = FakeCupyArray()
-    assert function(x, x, x, stride=2) == "gpu"
+    assert getattr(mf, name)(x, x, x, stride=2) == "gpu"
     assert calls == [((x, x, x), {"stride": 2})]
+
+
+class FakeCupyImage(FakeCupyArray):
+    """A 2-D stand-in that survives the indexing convolve2d/correlate2d do before conv2d."""
+
+    __module__ = FakeCupyArray.__module__
+    shape, ndim, dtype = (4, 5), 2, np.dtype(np.float64)
+
+    def __getitem__(self, index):
+        return self
+
+
+@pytest.mark.parametrize("name", ["convolve2d", "correlate2d"])
+def test_signal_functions_reach_the_gpu_through_conv2d(name, monkeypatch):
+    calls = fake_cuda_ops(monkeypatch, "conv2d", np.zeros((1, 1, 6, 7)))
+    image = FakeCupyImage()
+    assert getattr(mf, name)(image, image, mode="same").shape == (4, 5)
+    assert calls == [((image, image), {"padding": "full"})]
 
 
 def test_mixing_numpy_and_cupy_arrays_is_refused():

@@ -13,13 +13,14 @@ positions where one array covers the other entirely).
 
 What deep-learning libraries call "convolution" (:func:`~minunet.functional.conv2d`) is the
 correlation; :func:`correlate2d` is literally a one-channel ``conv2d`` with ``"full"`` padding.
+That is also how CuPy arrays are served: they travel through ``conv2d``'s dispatch to the
+GPU kernels, and the rest (a slice) works on either array library.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from minunet.functional._dispatch import dispatch_on_array_type
 from minunet.functional._validate import check_float_array, check_same_dtype
 from minunet.functional.conv import conv2d
 from minunet.shapes import signal2d_mode_window
@@ -67,7 +68,6 @@ def convolve2d_reference(image, kernel, mode="full"):
 # --- Fast kernels ---------------------------------------------------------------------------
 
 
-@dispatch_on_array_type
 def correlate2d(image, kernel, mode="full"):
     """2-D cross-correlation, equal to ``scipy.signal.correlate2d(image, kernel, mode)``.
 
@@ -76,13 +76,12 @@ def correlate2d(image, kernel, mode="full"):
     """
     window = _signal_arguments(image, kernel, mode, convolve=False)
     full = conv2d(image[None, None], kernel[None, None], padding="full")[0, 0]
-    return np.ascontiguousarray(full[window])
+    return full[window].copy()
 
 
-@dispatch_on_array_type
 def convolve2d(image, kernel, mode="full"):
     """2-D convolution, equal to ``scipy.signal.convolve2d(image, kernel, mode)``: the
     correlation with the kernel flipped in both axes. Shapes as :func:`correlate2d`."""
     window = _signal_arguments(image, kernel, mode, convolve=True)
     full = conv2d(image[None, None], kernel[None, None, ::-1, ::-1], padding="full")[0, 0]
-    return np.ascontiguousarray(full[window])
+    return full[window].copy()
