@@ -273,7 +273,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-training", action="store_true", help="kernels only")
     args = parser.parse_args(argv)
     cp, torch = check_gpu()
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:  # a bare GPU machine may lack it; progress bars are a nicety
+
+        def tqdm(iterable, **_):
+            return iterable
 
     def synchronize():
         cp.cuda.Device().synchronize()
