@@ -88,7 +88,7 @@ def _runner(runner):
     return gpu_runner() if runner is None else runner
 
 
-# --- Launch helpers -------------------------------------------------------------------------
+# --- Launching ------------------------------------------------------------------------------
 
 
 def _int(value: int, what: str) -> np.int32:
