@@ -238,11 +238,10 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
     targets, weights = zip(*(training_targets(
         labels, weight_maps=weight_maps, w0=w0, sigma=sigma, class_weights=class_weights,
         border_width=border_width) for labels in train.labels), strict=True)
-    input_size = net.input_size_for_output(tile_size)
-    output_size = net.output_size(input_size)
-    sampler = TileSampler(train.images, targets, weights, input_size=input_size,
-                          output_size=output_size, augment_tiles=augment,
-                          elastic_std=elastic_std)
+    sampler = TileSampler.for_unet(train.images, targets, weights, output_size=tile_size,
+                                   depth=net.config["depth"], padding=net.config["padding"],
+                                   augment_tiles=augment, elastic_std=elastic_std)
+    input_size, output_size = sampler.input_size, sampler.output_size
     if steps_per_epoch is None:
         pixels = sum(t.size for t in targets)
         steps_per_epoch = max(1, math.ceil(pixels / (batch_size * output_size**2)))

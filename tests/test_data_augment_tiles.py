@@ -130,6 +130,11 @@ def test_tile_sampler_shapes_and_alignment():
     np.testing.assert_array_equal(t, (x[:, 0, margin:margin + n_out, margin:margin + n_out]
                                       * 1000).astype(np.int64))
     np.testing.assert_array_equal(w, 1.0)
+    for padding in ("valid", "same"):
+        fitted = TileSampler.for_unet([image], [target], output_size=out, depth=depth,
+                                      padding=padding)
+        assert unet_output_size(fitted.input_size, depth, padding=padding) == fitted.output_size
+        assert fitted.output_size >= out
 
 
 def test_tile_sampler_augmented_labels_stay_labels():

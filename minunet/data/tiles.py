@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from minunet.data.augment import augment
+from minunet.shapes import unet_input_size_for_output, unet_output_size
 
 MIRROR_MODE = "reflect"
 
@@ -115,6 +116,17 @@ class TileSampler:
         # Larger images are drawn more often: every labelled pixel is equally likely.
         areas = np.array([t.size for t in self.targets], dtype=np.float64)
         self.image_probabilities = areas / areas.sum()
+
+    @classmethod
+    def for_unet(cls, images, targets, weights=None, *, output_size: int, depth: int,
+                 padding: str = "valid", **kwargs) -> TileSampler:
+        """A sampler whose tiles fit a U-Net of ``depth`` levels: the input edge is
+        ``unet_input_size_for_output(output_size)``, the output edge what the network
+        returns for it (``>= output_size``)."""
+        input_size = unet_input_size_for_output(output_size, depth, padding=padding)
+        actual_output = unet_output_size(input_size, depth, padding=padding)
+        return cls(images, targets, weights, input_size=input_size, output_size=actual_output,
+                   **kwargs)
 
     def _one(self, rng: np.random.Generator):
         index = rng.choice(len(self.images), p=self.image_probabilities)
