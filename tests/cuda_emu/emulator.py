@@ -33,6 +33,8 @@ GUARD_BYTES = 64
 GUARD_FILL = 0xFF  # all-ones bytes: NaN as float32/float64, -1 as int32
 COMPILE_FLAGS = ("-std=c++20", "-O1", "-pthread", "-shared", "-fPIC")
 
+_LIBRARIES: dict[tuple, ctypes.CDLL] = {}  # compiled once per process (see EmulatedRunner.library)
+
 _C_TYPES = {"i": (np.int32, ctypes.c_int), "f": (np.float32, ctypes.c_float),
             "d": (np.float64, ctypes.c_double)}
 
@@ -146,16 +148,16 @@ class EmulatedRunner:
         self.sources = sources or {file: cuda.source(file) for file in cuda.KERNEL_FILES}
         self.launched: dict[str, int] = {}
         self._kernels: dict[tuple, EmulatedKernel] = {}
-        self._libraries: dict[str, ctypes.CDLL] = {}
         self._guarded: list[weakref.ref] = []
 
     def library(self, dtype) -> ctypes.CDLL:
-        """The compiled kernels for ``dtype`` (built on the first call)."""
-        name = np.dtype(dtype).name
-        if name not in self._libraries:
+        """The compiled kernels for ``dtype``: built on the first call, and shared with every
+        runner of this process that has the same sources and defines."""
+        key = (tuple(self.sources.items()), self.defines, np.dtype(dtype).name)
+        if key not in _LIBRARIES:
             path = build(self.sources, dtype, self.directory, self.defines)
-            self._libraries[name] = ctypes.CDLL(str(path))
-        return self._libraries[name]
+            _LIBRARIES[key] = ctypes.CDLL(str(path))
+        return _LIBRARIES[key]
 
     def kernel(self, file: str, name: str, dtype) -> EmulatedKernel:
         if file not in self.sources:
