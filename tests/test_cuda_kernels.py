@@ -10,6 +10,7 @@ their own tests) and ``torch.optim``.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import numpy as np
 import pytest
@@ -322,6 +323,18 @@ def test_every_kernel_is_launched_by_the_ops(emulated_runner, rng):
     missed = [name for file in cuda.KERNEL_FILES for name in cuda.kernel_names(file)
               if emulated_runner.launched.get(name, 0) == before.get(name, 0)]
     assert not missed
+
+
+@pytest.mark.parametrize("name", ["conv2d", "conv2d_backward", "conv_transpose2d",
+                                  "conv_transpose2d_backward", "max_pool2d",
+                                  "max_pool2d_backward"])
+def test_ops_take_the_arguments_of_the_numpy_kernels(name):
+    """minunet.functional forwards CuPy calls with the caller's arguments unchanged."""
+    def positional(function):
+        return [(p.name, p.default) for p in inspect.signature(function).parameters.values()
+                if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+
+    assert positional(getattr(ops, name)) == positional(inspect.unwrap(getattr(F, name)))
 
 
 @pytest.mark.skipif(gpu_available(), reason="checks the message shown without a GPU")
