@@ -50,3 +50,6 @@ def test_sources_and_kernel_names():
         cuda.source("missing.cu")
     with pytest.raises(TypeError, match="float32 or float64"):
         cuda.compile_options("int32")
+    assert cuda.defined_constant("conv2d.cu", "TILE") == 16
+    with pytest.raises(LookupError, match="no '#define MISSING"):
+        cuda.defined_constant("conv2d.cu", "MISSING")

@@ -51,6 +51,15 @@ def kernel_names(name: str) -> list[str]:
     return find_kernel_names(source(name))
 
 
+def defined_constant(name: str, macro: str) -> int:
+    """The integer value of ``#define macro <int>`` in the kernel file ``name``, so that the
+    host code launches blocks of the size the kernel was written for."""
+    found = re.search(rf"^#define\s+{macro}\s+(\d+)\s*$", source(name), re.MULTILINE)
+    if found is None:
+        raise LookupError(f"{name} has no '#define {macro} <integer>'")
+    return int(found.group(1))
+
+
 def scalar_type(dtype) -> str:
     """The C type (``"float"`` or ``"double"``) of a NumPy/CuPy float dtype."""
     name = np.dtype(dtype).name
@@ -68,5 +77,5 @@ def compile_options(dtype) -> tuple[str, ...]:
     return (f"-DMINUNET_SCALAR={scalar_type(dtype)}",)
 
 
-__all__ = ["KERNEL_FILES", "SCALAR_TYPES", "compile_options", "find_kernel_names",
-           "kernel_names", "scalar_type", "source"]
+__all__ = ["KERNEL_FILES", "SCALAR_TYPES", "compile_options", "defined_constant",
+           "find_kernel_names", "kernel_names", "scalar_type", "source"]

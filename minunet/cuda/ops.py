@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minunet.backend import require_cupy
-from minunet.cuda import compile_options, source
+from minunet.cuda import compile_options, defined_constant, source
 from minunet.functional._validate import (
     FLOAT_DTYPES,
     ConvGeometry,
@@ -43,8 +43,8 @@ from minunet.functional._validate import (
 from minunet.losses import _check_class_target, _check_weight
 
 THREADS_PER_BLOCK = 256  # 1-D launches: eight warps per block
-TILE = 16  # TILE of conv2d.cu: tiled kernels run TILE x TILE threads per block
-SUM_THREADS = 256  # SUM_THREADS of reduction.cu
+TILE = defined_constant("conv2d.cu", "TILE")  # tiled kernels: TILE x TILE threads per block
+SUM_THREADS = defined_constant("reduction.cu", "SUM_THREADS")  # threads per channel sum
 ALGORITHMS = ("tiled", "naive")
 INT_MAX = 2**31 - 1
 
