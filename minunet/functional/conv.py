@@ -111,11 +111,15 @@ def _correlate(x, weight, geometry: ConvGeometry):
 
 
 def _weight_gradient(grad_out, x, geometry: ConvGeometry):
-    """grad_weight (C_out, C_in, kH, kW) = sum_n grad_out[n] (C_out, L) @ cols[n].T (L, K)."""
+    """grad_weight (C_out, C_in, kH, kW) = sum_n grad_out[n] (C_out, L) @ cols[n].T (L, K).
+
+    Computed as the transpose of ``cols[n] (K, L) @ grad_out[n].T (L, C_out)``: the same
+    numbers, but OpenBLAS runs this orientation much faster when ``L`` is long.
+    """
     batch, c_out = grad_out.shape[:2]
     cols = _columns(x, geometry)
-    per_image = np.matmul(grad_out.reshape(batch, c_out, -1), cols.transpose(0, 2, 1))
-    return per_image.sum(axis=0).reshape(c_out, x.shape[1], *geometry.kernel_size)
+    per_image = np.matmul(cols, grad_out.reshape(batch, c_out, -1).transpose(0, 2, 1))
+    return per_image.sum(axis=0).T.reshape(c_out, x.shape[1], *geometry.kernel_size)
 
 
 def _input_gradient(grad_out, weight, geometry: ConvGeometry):
