@@ -287,38 +287,52 @@ def main(argv=None) -> int:
     device_name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     print(f"{device_name}: minunet (CuPy) vs PyTorch {torch.__version__} (cuDNN), float32, "
           f"TF32 off; times in ms, best of {args.repeats}")
-    rows = []
-    for name, ours, theirs in tqdm(kernel_cases(cp, torch, args.quick), desc="kernels"):
-        rows.append({"name": name, "minunet_ms": best_time(ours, synchronize, args.repeats),
-                     "torch_ms": best_time(theirs, synchronize, args.repeats)})
-    steps = []
-    if not args.no_training:
-        for name, make in tqdm(training_step_cases(cp, torch, args.quick), desc="U-Net steps"):
-            ours, theirs = make()
-            steps.append({"name": name, "minunet_ms": best_time(ours, synchronize, 3, 30.0),
-                          "torch_ms": best_time(theirs, synchronize, 3, 30.0)})
-            del ours, theirs
-            cp.get_default_memory_pool().free_all_blocks()
-            torch.cuda.empty_cache()
-    for row in rows + steps:
-        row["ratio"] = row["minunet_ms"] / row["torch_ms"]
-    width = max(len(r["name"]) for r in rows + steps)
-    print(f"{'':{width}}  {'minunet':>10}  {'torch':>10}  {'ratio':>7}")
-    for row in rows + steps:
-        print(f"{row['name']:{width}}  {row['minunet_ms']:10.3f}  {row['torch_ms']:10.3f}  "
-              f"{row['ratio']:7.1f}")
-    write_json_atomically(args.output, {
+    results = {
         "device": device_name,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": versions(cp, torch),
         "settings": {"dtype": "float32", "tf32": False, "cudnn_benchmark": True,
                      "repeats": args.repeats, "quick": args.quick,
                      "timing": "best of the repeats, synchronize before and after"},
-        "kernels": rows,
-        "training_step": steps,
-    })
+        "kernels": [],
+        "training_step": [],
+    }
+
+    def measure(section, name, make, repeats, budget_s):
+        """Time one case; a failure (e.g. out of memory) is recorded and the run goes on.
+        The JSON is rewritten after every case, so a run cut short keeps what it measured."""
+        row, ours, theirs = {"name": name}, None, None
+        try:
+            ours, theirs = make()
+            row["minunet_ms"] = best_time(ours, synchronize, repeats, budget_s)
+            row["torch_ms"] = best_time(theirs, synchronize, repeats, budget_s)
+            row["ratio"] = row["minunet_ms"] / row["torch_ms"]
+        except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            del ours, theirs  # the case's arrays go back to the pools before they are freed
+            cp.get_default_memory_pool().free_all_blocks()
+            torch.cuda.empty_cache()
+        results[section].append(row)
+        write_json_atomically(args.output, results)
+
+    for name, ours, theirs in tqdm(kernel_cases(cp, torch, args.quick), desc="kernels"):
+        measure("kernels", name, lambda a=ours, b=theirs: (a, b), args.repeats, 2.0)
+    if not args.no_training:
+        for name, make in tqdm(training_step_cases(cp, torch, args.quick), desc="U-Net steps"):
+            measure("training_step", name, make, 3, 30.0)
+
+    rows = results["kernels"] + results["training_step"]
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'':{width}}  {'minunet':>10}  {'torch':>10}  {'ratio':>7}")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['name']:{width}}  failed: {row['error']}")
+        else:
+            print(f"{row['name']:{width}}  {row['minunet_ms']:10.3f}  {row['torch_ms']:10.3f}  "
+                  f"{row['ratio']:7.1f}")
     print(f"wrote {args.output}")
-    return 0
+    return 1 if any("error" in row for row in rows) else 0
 
 
 if __name__ == "__main__":
