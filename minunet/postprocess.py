@@ -1,9 +1,11 @@
 """From class probabilities to labelled, counted cells.
 
-1. Threshold the foreground probability into a mask; drop specks below ``min_size`` pixels.
+1. Threshold the foreground probability into a mask; drop specks and fill holes below
+   ``min_size`` pixels.
 2. Cells that touch form one connected region of the mask. Inside a region, the Euclidean
    distance to the background has one hill per roughly convex cell; two cells meet at a
-   saddle ("neck") of the distance map.
+   saddle ("neck") of the distance map. Multiplying the distance by the foreground
+   probability deepens the necks where the network saw a faint boundary.
 3. One marker per hill: the *h-maxima* of the (lightly smoothed) distance map, i.e. the tops
    of the hills that rise at least ``h`` pixels above the saddle to any higher hill. (Plain
    local maxima would over-split elongated or noisy cells; ``h`` is a contrast, not a size.)
@@ -33,24 +35,32 @@ def foreground_probability(prob) -> np.ndarray:
     )
 
 
-def h_maxima(image, h: float) -> np.ndarray:
-    """Boolean mask of the regional maxima of ``image`` whose dynamic is at least ``h``.
+def reconstruct_by_dilation(marker, mask) -> np.ndarray:
+    """Grey-level morphological reconstruction of ``marker`` (<= ``mask``) under ``mask``:
+    repeated 3x3 dilation of ``marker``, clipped by ``mask``, until nothing changes."""
+    reconstruction = np.minimum(marker, mask)
+    while True:
+        grown = np.minimum(ndimage.grey_dilation(reconstruction, size=(3, 3)), mask)
+        if np.array_equal(grown, reconstruction):
+            return reconstruction
+        reconstruction = grown
 
-    Morphological reconstruction by dilation of ``image - h`` under ``image`` (iterated 3x3
-    grey dilation, clipped by ``image``, until stable) fills every hill up to ``h`` below its
-    top; the pixels that stay ``h`` above the reconstruction are the tops of the hills that
-    rise at least ``h`` above their surroundings.
+
+def h_maxima(image, h: float) -> np.ndarray:
+    """Boolean mask of the tops of the hills of ``image`` that rise at least ``h`` above
+    the saddle that joins them to any higher hill (the "extended maxima").
+
+    Reconstructing ``image - h`` under ``image`` cuts every hill ``h`` below its top (the
+    h-maxima transform): hills lower than ``h`` above their saddle merge into the plateau of
+    their higher neighbour. The regional maxima of that result, found with a second
+    reconstruction shifted by a tiny amount, are the markers.
     """
     image = np.asarray(image, dtype=np.float64)
     if h <= 0:
         raise ValueError(f"h must be positive, got {h}")
-    reconstruction = image - h
-    while True:
-        grown = np.minimum(ndimage.grey_dilation(reconstruction, size=(3, 3)), image)
-        if np.array_equal(grown, reconstruction):
-            break
-        reconstruction = grown
-    return image - reconstruction >= h - 1e-9
+    flattened = reconstruct_by_dilation(image - h, image)
+    tiny = 1e-6 * max(h, 1.0)
+    return flattened - reconstruct_by_dilation(flattened - tiny, flattened) > tiny / 2
 
 
 def flood_from_markers(height, markers, mask, *, step: float = 0.5) -> np.ndarray:
@@ -77,12 +87,20 @@ def flood_from_markers(height, markers, mask, *, step: float = 0.5) -> np.ndarra
     return labels
 
 
-def split_touching(mask, *, h: float = 1.0, smoothing: float = 1.0) -> np.ndarray:
+def split_touching(mask, *, h: float = 0.5, smoothing: float = 1.0,
+                   confidence=None) -> np.ndarray:
     """Instance labels (int32 (H, W)) of a binary mask, touching cells split by a watershed
     on the distance transform (see the module docstring). Every connected component of the
-    mask gets at least one label; pixels outside the mask are 0."""
+    mask gets at least one label; pixels outside the mask are 0.
+
+    ``confidence`` (float (H, W), optional): the foreground probability. The distance map is
+    multiplied by it, so a neck where the network hesitated (a faint separation line it did
+    not quite draw) becomes a deeper valley between two hills.
+    """
     mask = np.asarray(mask) > 0
     distance = ndimage.distance_transform_edt(mask)
+    if confidence is not None:
+        distance = distance * np.clip(confidence, 0, 1)
     if smoothing > 0:  # the discrete distance map has ridges that are not real necks
         distance = ndimage.gaussian_filter(distance, smoothing) * mask
     markers, num_markers = ndimage.label(h_maxima(distance, h) & mask,
@@ -129,15 +147,16 @@ def relabel_sequential(labels) -> np.ndarray:
     return lookup[labels]
 
 
-def _drop_small(mask, min_size: int) -> np.ndarray:
-    """``mask`` without its 4-connected regions of fewer than ``min_size`` pixels."""
-    components, _ = ndimage.label(mask)
+def _drop_small(mask, min_size: int, structure=None) -> np.ndarray:
+    """``mask`` without its connected regions (default: 4-connected) of fewer than
+    ``min_size`` pixels."""
+    components, _ = ndimage.label(mask, structure=structure)
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
     return sizes[components] >= min_size
 
 
-def label_instances(prob, *, threshold: float = 0.5, min_size: int = 10, h: float = 1.0,
+def label_instances(prob, *, threshold: float = 0.5, min_size: int = 10, h: float = 0.5,
                     smoothing: float = 1.0, separate: bool = True,
                     gap_width: int = 1) -> np.ndarray:
     """Instance labels (int32 (H, W), 0 = background, cells 1..K) from probabilities.
@@ -152,11 +171,18 @@ def label_instances(prob, *, threshold: float = 0.5, min_size: int = 10, h: floa
     """
     if not 0 <= threshold < 1:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
-    mask = foreground_probability(prob) > threshold
+    foreground = foreground_probability(prob)
+    mask = foreground > threshold
     mask = _drop_small(mask, min_size)
-    holes = ndimage.binary_fill_holes(mask) & ~mask
-    mask |= holes & ~_drop_small(holes, min_size)  # fill holes smaller than min_size
-    labels = split_touching(mask, h=h, smoothing=smoothing) if separate else ndimage.label(mask)[0]
+    # Holes are background regions that no 8-connected path links to the outside: a gap
+    # line between two cells that runs diagonally is 8-connected, and must not be filled.
+    eight = np.ones((3, 3), bool)
+    holes = ndimage.binary_fill_holes(mask, structure=eight) & ~mask
+    filled = holes & ~_drop_small(holes, min_size, structure=eight)
+    mask |= filled  # small holes are part of their cell...
+    foreground = np.where(filled, 1.0, foreground)  # ...and not a valley inside it
+    labels = (split_touching(mask, h=h, smoothing=smoothing, confidence=foreground)
+              if separate else ndimage.label(mask)[0])
     if gap_width > 0:
         labels = fill_separation_gaps(labels, gap_width)
     return relabel_sequential(labels)
@@ -172,7 +198,7 @@ class CellCount(NamedTuple):
 
 
 def count_cells(prob_or_image, net=None, *, threshold: float = 0.5, min_size: int = 10,
-                h: float = 1.0, smoothing: float = 1.0, tile_size: int | None = None,
+                h: float = 0.5, smoothing: float = 1.0, tile_size: int | None = None,
                 tta: bool = False) -> CellCount:
     """Count the cells in an image.
 

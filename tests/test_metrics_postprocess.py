@@ -212,3 +212,15 @@ def test_small_specks_dropped_and_small_holes_filled():
     assert labels.max() == 1 and labels[15, 15] == 1 and labels[1, 1] == 0
     ring = disc((40, 40), (20, 20), 15) & ~disc((40, 40), (20, 20), 6)  # a large hole stays
     assert label_instances(ring.astype(np.float32), min_size=5, separate=False)[20, 20] == 0
+
+
+def test_a_faint_boundary_in_the_probability_splits_a_shallow_neck():
+    from minunet.postprocess import split_touching
+
+    mask = disc((30, 44), (15, 17), 10) | disc((30, 44), (15, 27), 10)  # a shallow neck
+    assert split_touching(mask, h=2.0).max() == 1
+    confidence = np.ones(mask.shape)
+    confidence[:, 22] = 0.4  # the network hesitated along the boundary column
+    labels = split_touching(mask, h=2.0, confidence=confidence)
+    assert labels.max() == 2
+    assert set(np.unique(labels[:, :21][mask[:, :21]])) == {1}
