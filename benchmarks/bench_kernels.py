@@ -73,52 +73,63 @@ OURS = {
 THEIRS = {"conv": F.conv2d, "upconv": F.conv_transpose2d, "pool": F.max_pool2d}
 
 
-def best_time(function, repeats, min_seconds=0.2):
-    """Best wall-clock time in milliseconds, after one warm-up call, over ``repeats`` calls
-    or as many as fit in ``min_seconds`` (at most 100) if that is more: fast kernels are
-    timed more often, to see past the noise of a busy machine."""
-    start = time.perf_counter()
-    function()
-    first = time.perf_counter() - start
-    best = float("inf")
-    for _ in range(max(repeats, min(100, int(min_seconds / max(first, 1e-6))))):
-        start = time.perf_counter()
+def best_times(functions, repeats, min_seconds=0.5, max_rounds=100):
+    """Best wall-clock time of each function in milliseconds.
+
+    After one warm-up call each, the functions run in turn (so that a busy spell of the
+    machine hits all of them alike) for at least ``repeats`` rounds, and more (up to
+    ``max_rounds``) until ``min_seconds`` have passed: fast kernels are timed more often.
+    """
+    for function in functions:
         function()
-        best = min(best, time.perf_counter() - start)
-    return 1e3 * best
+    best = [float("inf")] * len(functions)
+    started, rounds = time.perf_counter(), 0
+    while rounds < repeats or (
+        rounds < max_rounds and time.perf_counter() - started < min_seconds
+    ):
+        for k, function in enumerate(functions):
+            start = time.perf_counter()
+            function()
+            best[k] = min(best[k], time.perf_counter() - start)
+        rounds += 1
+    return [1e3 * b for b in best]
 
 
-def time_minunet(kind, x, weight, bias, kwargs, repeats):
+def minunet_calls(kind, x, weight, bias, kwargs):
+    """(forward, backward) closures of minunet's kernels; the pool saves its indices."""
     if kind == "pool":
         out, indices = mf.max_pool2d(x, return_indices=True, **kwargs)
         grad_out = np.ones_like(out)
-        forward = lambda: mf.max_pool2d(x, return_indices=True, **kwargs)  # noqa: E731
-        backward = lambda: mf.max_pool2d_backward(grad_out, x, indices=indices, **kwargs)  # noqa: E731
-    else:
-        op, op_backward = OURS[kind]
-        grad_out = np.ones_like(op(x, weight, bias, **kwargs))
-        forward = lambda: op(x, weight, bias, **kwargs)  # noqa: E731
-        backward = lambda: op_backward(grad_out, x, weight, **kwargs)  # noqa: E731
-    return best_time(forward, repeats), best_time(backward, repeats)
+        return (lambda: mf.max_pool2d(x, return_indices=True, **kwargs),
+                lambda: mf.max_pool2d_backward(grad_out, x, indices=indices, **kwargs))
+    op, op_backward = OURS[kind]
+    grad_out = np.ones_like(op(x, weight, bias, **kwargs))
+    return (lambda: op(x, weight, bias, **kwargs),
+            lambda: op_backward(grad_out, x, weight, **kwargs))
 
 
-def time_torch(kind, x, weight, bias, kwargs, repeats):
+def torch_calls(kind, x, weight, bias, kwargs):
+    """(forward, backward) closures of torch.nn.functional with autograd, on the same data."""
     inputs = [torch.from_numpy(a).requires_grad_() for a in (x, weight, bias) if a is not None]
     op = THEIRS[kind]
     out = op(*inputs, **kwargs)
     grad_out = torch.ones_like(out)
-    forward = lambda: op(*inputs, **kwargs)  # noqa: E731
-    backward = lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True)  # noqa: E731
-    return best_time(forward, repeats), best_time(backward, repeats)
+    return (lambda: op(*inputs, **kwargs),
+            lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True))
 
 
-def equalise_threads():
-    """Give PyTorch as many threads as NumPy's BLAS has; return (blas, torch) thread counts."""
+def equalise_threads(threads=None):
+    """Give PyTorch as many threads as NumPy's BLAS has (both ``threads`` if given);
+    return the (blas, torch) thread counts."""
     try:
-        from threadpoolctl import threadpool_info
+        from threadpoolctl import threadpool_info, threadpool_limits
     except ImportError:
         print("threadpoolctl is not installed: BLAS threads unknown, PyTorch keeps its default")
+        if threads:
+            torch.set_num_threads(threads)
         return None, torch.get_num_threads()
+    if threads:
+        threadpool_limits(threads, user_api="blas")
     blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
     if blas:
         torch.set_num_threads(blas[0])
@@ -137,8 +148,9 @@ def run_config(name, repeats, rng):
         if w_shape is not None:
             bias = rng.standard_normal(w_shape[1] if kind == "upconv" else w_shape[0],
                                        dtype=np.float32)
-        ours = time_minunet(kind, x, weight, bias, kwargs, repeats)
-        theirs = time_torch(kind, x, weight, bias, kwargs, repeats)
+        ms = best_times([*minunet_calls(kind, x, weight, bias, kwargs),
+                         *torch_calls(kind, x, weight, bias, kwargs)], repeats)
+        ours, theirs = ms[:2], ms[2:]
         rows.append({
             "layer": layer, "x_shape": list(x_shape),
             "weight_shape": None if w_shape is None else list(w_shape),
@@ -178,6 +190,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs")
+    parser.add_argument("--threads", type=int, help="threads for both (default: BLAS's own)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -185,8 +198,12 @@ def main(argv=None):
                 for v in SLOW_OPENBLAS_VARIABLES if v in os.environ]
     for line in warnings:
         print(line)
-    blas_threads, torch_threads = equalise_threads()
+    blas_threads, torch_threads = equalise_threads(args.threads)
     print(f"threads: NumPy BLAS {blas_threads}, PyTorch {torch_threads}")
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: load average {load_before:.1f} on {os.cpu_count()} CPUs: other "
+              "processes are running, timings will be noisy")
 
     rng = np.random.default_rng(0)
     results = {name: run_config(name, args.repeats, rng) for name in args.configs}
@@ -201,6 +218,7 @@ def main(argv=None):
                      "torch": torch.__version__, "minunet": minunet.__version__
                      if hasattr(minunet, "__version__") else None},
         "threads": {"numpy_blas": blas_threads, "torch": torch_threads},
+        "load_average": {"before": load_before, "after": os.getloadavg()[0]},
         "warnings": warnings,
         "repeats": args.repeats,
         "dtype": "float32",
