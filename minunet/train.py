@@ -41,9 +41,11 @@ from minunet.backend import to_device, to_numpy
 from minunet.data.loaders import Dataset
 from minunet.data.tiles import TileSampler
 from minunet.data.weights import carve_separation_borders, class_weight_map, weight_map
+from minunet.inference import predict
 from minunet.losses import softmax_cross_entropy
 from minunet.metrics import count_objects, dice, iou, object_scores, pixel_error
 from minunet.optim import SGD, Adam
+from minunet.postprocess import label_instances
 
 CHECKPOINT_FORMAT = 1
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
@@ -98,9 +100,6 @@ def evaluate(net, data, *, tile_size: int | None = None, threshold: float = 0.5)
     foreground IoU, Dice and pixel error against ``labels > 0``, object F1 at IoU 0.5 and
     relative count error of the cells found by :func:`minunet.postprocess.label_instances`.
     """
-    from minunet.inference import predict
-    from minunet.postprocess import label_instances
-
     data = as_dataset(data, "val_data")
     rows = []
     for image, labels in zip(data.images, data.labels, strict=True):
@@ -257,6 +256,7 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
                 "sigma": sigma, "border_width": border_width, "seed": seed,
                 "steps": steps, "steps_per_epoch": steps_per_epoch}
     opt = make_optimizer(net, optimizer, lr, momentum, weight_decay)
+    settings["lr"] = opt.lr
     rng = np.random.default_rng(seed)
     history = History()
     step = 0
