@@ -57,6 +57,14 @@ extern "C" __global__ void barrier_in_a_branch(scalar_t* y) {
     y[threadIdx.x] = 1;
 }
 
+// Each thread copies its left neighbour's value, but nobody waits for it to be written.
+extern "C" __global__ void shift_without_barrier(const scalar_t* x, scalar_t* y) {
+    __shared__ scalar_t tile[32];
+    int t = threadIdx.x, i = blockIdx.x * blockDim.x + t;
+    tile[t] = x[i];
+    y[i] = t > 0 ? tile[t - 1] : 0;  // a __syncthreads() is missing before this line
+}
+
 // Off by one: the last thread writes one element past the end.
 extern "C" __global__ void write_past_the_end(scalar_t* y, int size) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -76,6 +84,18 @@ def test_a_barrier_not_reached_by_every_thread_is_reported(faulty):
     y = faulty.zeros((32,), np.float64)
     with pytest.raises(EmulationError, match=r"__syncthreads\(\) reached by 31 of the 32"):
         kernel((1,), (32,), (y,))
+
+
+def test_a_missing_barrier_is_caught_whichever_thread_it_favours(faulty):
+    """Run in increasing order, each thread of shift_without_barrier finds its left neighbour
+    already written; the next block runs its threads in decreasing order and does not."""
+    kernel = faulty.kernel("faulty.cu", "shift_without_barrier", np.float64)
+    x = faulty.contiguous(np.arange(64.0))
+    y = faulty.empty((64,), np.float64)
+    kernel((2,), (32,), (x, y))
+    expected = np.where(np.arange(64) % 32 > 0, np.arange(64.0) - 1, 0)
+    np.testing.assert_array_equal(y[:32], expected[:32])  # the lucky order
+    assert not np.array_equal(y[32:], expected[32:])  # the unlucky one
 
 
 def test_a_write_past_an_array_is_reported(faulty):

@@ -13,7 +13,8 @@
 //   the round starts again. The schedule is the most unfavourable one for a missing barrier:
 //   without it, thread 0 runs to the end before thread 1 has written anything, so a kernel
 //   that forgets a __syncthreads() reads unwritten shared memory and computes wrong numbers,
-//   every time.
+//   every time. Every other block runs its threads in the reverse order (last thread
+//   first), so that a kernel cannot pass by relying on lower threads having run first.
 // * __shared__ variables become `static`: one copy shared by the fibers of the running block,
 //   left over from the previous block like real shared memory, which is never cleared.
 // * A barrier that some threads of a block reach while others have already returned (a
@@ -89,9 +90,11 @@ inline void syncthreads() {
     swapcontext(&self.context, &block.scheduler);
 }
 
-// Run one block: round-robin over the threads, each up to its next barrier. Returns false
-// (with a message) if the threads disagree about a barrier.
-inline bool run_block(Block& block) {
+// Run one block: round-robin over the threads, each up to its next barrier, in increasing
+// thread order, or decreasing if `reverse` (so that neither order can hide a missing barrier:
+// each thread runs before the threads it might wrongly rely on). Returns false (with a
+// message) if the threads disagree about a barrier.
+inline bool run_block(Block& block, bool reverse) {
     for (Fiber& fiber : block.fibers) {
         getcontext(&fiber.context);
         fiber.context.uc_stack.ss_sp = fiber.stack.get();
@@ -101,7 +104,9 @@ inline bool run_block(Block& block) {
         fiber.state = State::ready;
     }
     for (;;) {
-        for (int t = 0; t < static_cast<int>(block.fibers.size()); ++t) {
+        const int count = static_cast<int>(block.fibers.size());
+        for (int i = 0; i < count; ++i) {
+            const int t = reverse ? count - 1 - i : i;
             if (block.fibers[t].state != State::ready) continue;
             block.running = t;
             threadIdx = block.fibers[t].index;
@@ -155,7 +160,7 @@ inline int run_grid(dim3 grid, dim3 block_dim, const std::function<void()>& body
         for (unsigned y = 0; ok && y < grid.y; ++y)
             for (unsigned x = 0; ok && x < grid.x; ++x) {
                 blockIdx = {x, y, z};
-                ok = run_block(block);
+                ok = run_block(block, (x + y + z) % 2 == 1);  // odd blocks: threads in reverse
             }
     current_block = outer;
     return ok ? 0 : 1;
