@@ -100,6 +100,13 @@ class UNet(Module):
 
     Input (N, in_channels, H, W) -> logits (N, num_classes, H_out, W_out), with
     ``H_out = output_size(H)``.
+
+    Parameter names (``state_dict`` keys) are PyTorch's for the same modules, identical to
+    :class:`minunet.torch_reference.TorchUNet`: ``encoder.{l}.conv1.weight``,
+    ``encoder.{l}.bn1.running_mean`` (with ``batch_norm``), ``upconv.{l}.weight``,
+    ``decoder.{l}.conv2.bias``, ``head.weight``, ... with level ``l = 0`` at the top.
+    Every 3x3 conv keeps its bias also with ``batch_norm`` (the BatchNorm then makes that bias
+    inert; its gradient is zero up to rounding), as the PyTorch twin does.
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 2, depth: int = 5,
