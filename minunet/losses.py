@@ -88,6 +88,7 @@ def softmax_cross_entropy(logits, target, weight=None):
     pixel_loss = -(log_p * one_hot).sum(axis=1)  # -log p_target, shape (N, *S)
     grad = xp.exp(log_p) - one_hot
     if weight is not None:
+        weight = weight.astype(logits.dtype, copy=False)  # results keep the logits' dtype
         pixel_loss = pixel_loss * weight
         grad = grad * weight[:, None]
     num_pixels = target.size
@@ -112,6 +113,7 @@ def binary_cross_entropy_with_logits(logits, target, weight=None):
                          f"got {tuple(target.shape)}")
     _check_weight(weight, logits.shape)
     xp = get_array_module(logits, target, weight)
+    target = target.astype(logits.dtype, copy=False)  # results keep the logits' dtype
     elementwise = (xp.maximum(logits, 0) - logits * target
                    + xp.log1p(xp.exp(-xp.abs(logits))))
     # sigmoid without overflow: exp(-|z|) is always <= 1
@@ -119,6 +121,7 @@ def binary_cross_entropy_with_logits(logits, target, weight=None):
     sigmoid = xp.where(logits >= 0, 1 / (1 + e), e / (1 + e))
     grad = sigmoid - target
     if weight is not None:
+        weight = weight.astype(logits.dtype, copy=False)
         elementwise = elementwise * weight
         grad = grad * weight
     return elementwise.mean(), grad / logits.dtype.type(logits.size)

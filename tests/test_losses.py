@@ -80,6 +80,16 @@ def test_softmax_cross_entropy_rejects_bad_input(target, weight, error, match):
         losses.softmax_cross_entropy(np.zeros((1, 2, 3, 3)), target, weight)
 
 
+def test_losses_keep_the_logits_dtype(rng):
+    logits = rng.standard_normal((1, 2, 3, 3)).astype(np.float32)
+    weight = rng.uniform(size=(1, 3, 3))  # float64
+    loss, grad = losses.softmax_cross_entropy(logits, rng.integers(0, 2, (1, 3, 3)), weight)
+    assert loss.dtype == grad.dtype == np.float32
+    loss, grad = losses.binary_cross_entropy_with_logits(logits, rng.uniform(size=logits.shape),
+                                                         rng.uniform(size=logits.shape))
+    assert loss.dtype == grad.dtype == np.float32
+
+
 def test_softmax_matches_torch(rng):
     z = rng.standard_normal((2, 5, 3, 3)) * 30
     np.testing.assert_allclose(losses.softmax(z), torch.softmax(torch.from_numpy(z), 1).numpy(),
