@@ -217,6 +217,18 @@ def test_softmax_cross_entropy(device, dtype, weighted, rng):
     np.testing.assert_allclose(loss, torch_loss, rtol=1e-5 if dtype == "float32" else 1e-12)
 
 
+def test_elementwise_ops_reject_bad_arguments(device, rng):
+    x = rng.standard_normal((2, 3, 4))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        device("relu", x.astype(np.int32))
+    with pytest.raises(ValueError, match="grad_out must have the shape of x"):
+        device("relu_backward", x[:1], x)
+    with pytest.raises(ValueError, match="at least 2 axes"):
+        device("channel_sum", x[0, 0])
+    with pytest.raises(ValueError, match=r"target values must lie in \[0, 3\)"):
+        device("softmax_cross_entropy", x[:, :, :, None], np.full((2, 4, 1), 3))
+
+
 # --- Optimisers -----------------------------------------------------------------------------
 
 
