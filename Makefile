@@ -34,7 +34,9 @@ lint: $(STAMP)
 notebooks: $(STAMP)
 	# Every chapter with a kernel (a jupytext header) becomes a notebook in notebooks/.
 	mkdir -p notebooks
-	$(VENV)/bin/jupytext --to ipynb --output-dir notebooks $$(grep -l '^kernelspec:' book/*.md)
+	for chapter in $$(grep -l '^kernelspec:' book/*.md); do \
+	  $(VENV)/bin/jupytext --quiet --to ipynb -o notebooks/$$(basename $${chapter%.md}).ipynb $$chapter || exit 1; \
+	done
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py
