@@ -1,7 +1,8 @@
 """The command line: ``python -m minunet {train,predict,evaluate,count}``.
 
-Every subcommand works without arguments on synthetic cells, so ``python -m minunet train``
-followed by ``python -m minunet evaluate`` is a complete first experiment. Errors the user
+``train`` and ``evaluate`` work without arguments, on synthetic cells, so
+``python -m minunet train`` followed by ``python -m minunet evaluate`` is a complete first
+experiment. Errors the user
 can fix (a missing file, an unreadable image, a checkpoint that does not fit) end with one
 line on stderr and exit status 1, never with a traceback; outputs are written atomically, so
 an existing file is never replaced by a partial one.
@@ -324,8 +325,10 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m minunet",
-        description="Segment and count cells with a U-Net written from scratch. Every "
-                    "command works without arguments on synthetic cells.",
+        description="Segment and count cells with a U-Net written from scratch. 'train' "
+                    "and 'evaluate' work without arguments, on synthetic cells.",
+        epilog="example: python -m minunet train && python -m minunet evaluate && "
+               "python -m minunet count cells.png --overlay-dir overlays",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
