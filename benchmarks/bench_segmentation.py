@@ -14,7 +14,8 @@
   pixel error and Rand error next to the paper's Table 1 (whose figures are on the
   challenge's hidden test set, so they are a reference point, not a like-for-like match).
 
-Each run prints its figures and writes ``benchmarks/results/segmentation_<name>.json``.
+Each run prints its figures and writes ``benchmarks/results/segmentation_<name>.json``
+(``<name>_plain_loss`` with ``--plain-loss``).
 Training time is wall-clock on the machine at hand, so results depend on its speed.
 """
 
@@ -81,6 +82,8 @@ def train(net, train_data, val_data, args, **overrides) -> tuple[dict, float]:
     settings = dict(batch_size=args.batch_size, tile_size=args.tile_size, optimizer="adam",
                     lr=args.lr, steps=10**6, steps_per_epoch=args.steps_per_epoch,
                     seed=args.seed, max_seconds=60 * args.minutes, progress=not args.quiet)
+    if args.plain_loss:
+        settings.update(weight_maps=False, class_weights=(1.0, 1.0))
     settings.update(overrides)
     start = time.perf_counter()
     history = fit(net, train_data, val_data, **settings)
@@ -193,6 +196,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=256, help="synthetic image edge")
     parser.add_argument("--data", help="ISBI 2012 folder")
     parser.add_argument("--tta", action="store_true", help="ISBI: test-time augmentation")
+    parser.add_argument("--plain-loss", action="store_true",
+                        help="unweighted cross-entropy (no Eq. 2 map, no class balancing)")
     parser.add_argument("--threads", type=int, default=1,
                         help="BLAS threads (default 1: fastest when the machine is shared)")
     parser.add_argument("--save-model", help="synthetic: also save the trained network")
@@ -208,7 +213,8 @@ def main(argv=None) -> int:
         result = {"synthetic": bench_synthetic, "dsb2018": bench_dsb2018,
                   "isbi2012": bench_isbi2012}[args.dataset](args)
     result["threads"] = args.threads
-    print(f"written: {write_result(args.dataset, result)}")
+    name = args.dataset + ("_plain_loss" if args.plain_loss else "")
+    print(f"written: {write_result(name, result)}")
     return 0
 
 
