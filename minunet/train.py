@@ -184,6 +184,13 @@ def load_checkpoint(path) -> tuple[dict, dict, dict]:
 # --- the training loop ----------------------------------------------------------------------
 
 
+def _architecture(config: dict) -> dict:
+    """A network config without its initialisation seed, which no longer matters once
+    weights are loaded."""
+    return {key: value for key, value in config.items() if key != "seed"}
+
+
+
 def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int | None = None,
         steps_per_epoch: int | None = None, batch_size: int = 4, tile_size: int = 128,
         optimizer: str = "adam", lr: float | None = None, momentum: float = 0.99,
@@ -253,7 +260,8 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
                 "output_size": output_size, "optimizer": optimizer, "lr": lr,
                 "momentum": momentum, "weight_decay": weight_decay, "augment": augment,
                 "elastic_std": elastic_std, "weight_maps": weight_maps, "w0": w0,
-                "sigma": sigma, "border_width": border_width, "seed": seed,
+                "sigma": sigma, "class_weights": class_weights, "border_width": border_width,
+                "seed": seed,
                 "steps": steps, "steps_per_epoch": steps_per_epoch}
     opt = make_optimizer(net, optimizer, lr, momentum, weight_decay)
     settings["lr"] = opt.lr
@@ -262,10 +270,7 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
     step = 0
     if resume and os.path.exists(checkpoint_path):
         meta, net_state, optimizer_state = load_checkpoint(checkpoint_path)
-        def architecture(config):  # the initialisation seed does not matter once loaded
-            return {k: v for k, v in config.items() if k != "seed"}
-
-        if architecture(meta["config"]) != architecture(net.config):
+        if _architecture(meta["config"]) != _architecture(net.config):
             raise ValueError(f"checkpoint {checkpoint_path} was written for a network with "
                              f"config {meta['config']}, not {net.config}")
         net.load_state_dict(net_state)
