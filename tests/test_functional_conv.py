@@ -180,6 +180,29 @@ def test_fast_and_reference_agree(seed):
         np.testing.assert_allclose(fast, reference, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("budget_rows", [1, 3])
+@pytest.mark.parametrize("seed", range(400, 408))
+def test_banded_im2col_matches_torch(seed, budget_rows, monkeypatch):
+    """Large images are processed in bands of output rows; force bands on small ones."""
+    import minunet.functional.conv as conv_module
+
+    x, weight, bias, kwargs, torch_padding = random_conv_case(seed, small=False)
+    kh, kw = weight.shape[2:]
+    bytes_per_row = x.shape[1] * kh * kw * x.shape[3] * x.itemsize  # an upper bound
+    monkeypatch.setattr(conv_module, "COLUMN_BUDGET_BYTES", budget_rows * bytes_per_row // 2)
+    torch_out, grad_out, grads = torch_forward_backward(
+        F.conv2d, x, weight, bias, seed, **{**kwargs, "padding": torch_padding}
+    )
+    check_against_torch(*FAST, np.float64, x, weight, bias, kwargs, torch_out, grad_out, grads)
+
+    x, weight, bias, kwargs = random_conv_transpose_case(seed, small=False)
+    torch_out, grad_out, grads = torch_forward_backward(
+        F.conv_transpose2d, x, weight, bias, seed, **kwargs
+    )
+    check_against_torch(*FAST_T, np.float64, x, weight, bias, kwargs, torch_out, grad_out,
+                        grads)
+
+
 # --- The U-Net's own shapes -----------------------------------------------------------------
 
 

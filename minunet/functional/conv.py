@@ -22,11 +22,20 @@ is built from the very same three private kernels (:func:`_correlate`,
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from minunet.functional._dispatch import dispatch_on_array_type
 from minunet.functional._validate import ConvGeometry, check_grad_out, conv2d_arguments
-from minunet.functional.im2col import col2im, crop2d, im2col, pad2d, receptive_field
+from minunet.functional.im2col import (
+    col2im,
+    crop2d,
+    im2col,
+    pad2d,
+    receptive_field,
+    row_bands,
+)
 
 # --- Reference kernels: loops that read like the equations ---------------------------------
 
@@ -87,6 +96,12 @@ def conv2d_backward_reference(grad_out, x, weight, stride=1, padding=0, dilation
 # --- Fast kernels: im2col + one matrix product ---------------------------------------------
 
 
+# im2col of a large image is built one band of output rows at a time, in one reused buffer of
+# this size: the memory stays bounded, and (measured on the U-Net's first and last levels) the
+# smaller working set makes the convolution faster, not slower.
+COLUMN_BUDGET_BYTES = 64 * 2**20
+
+
 def _is_pointwise(geometry: ConvGeometry) -> bool:
     """A 1x1, stride-1, unpadded convolution: the input already *is* its column matrix.
 
@@ -95,19 +110,32 @@ def _is_pointwise(geometry: ConvGeometry) -> bool:
     return geometry.kernel_size == (1, 1) and geometry.in_hw == geometry.out_hw
 
 
-def _columns(x, geometry: ConvGeometry):
-    """im2col of x (N, C, H, W) -> (N, C*kH*kW, H_out*W_out); free for a pointwise conv."""
+def _banded_columns(x, geometry: ConvGeometry):
+    """im2col of x (N, C, H, W), one image and one band of output rows at a time.
+
+    Yields ``(n, output rows, cols)`` with cols (C*kH*kW, rows*W_out). Each band's columns
+    overwrite the previous band's: use them before asking for the next.
+    """
     if _is_pointwise(geometry):
-        return x.reshape(x.shape[0], x.shape[1], -1)
-    return im2col(pad2d(x, geometry.padding), geometry)
+        for n in range(x.shape[0]):
+            yield n, slice(None), x[n].reshape(x.shape[1], -1)
+        return
+    x_pad = pad2d(x, geometry.padding)
+    bands, buffer = row_bands(geometry, x.shape[1], x.dtype, COLUMN_BUDGET_BYTES)
+    for n in range(x.shape[0]):
+        for out_rows, in_rows, band in bands:
+            yield n, out_rows, im2col(x_pad[n : n + 1, :, in_rows], band, buffer)[0]
 
 
 def _correlate(x, weight, geometry: ConvGeometry):
     """Convolution without bias: x (N, C_in, H, W), weight (C_out, C_in, kH, kW)
-    -> (N, C_out, H_out, W_out), as ``weight (C_out, K) @ cols (N, K, L)``."""
+    -> (N, C_out, H_out, W_out), as ``weight (C_out, K) @ cols (K, L)``."""
     c_out = weight.shape[0]
-    out = np.matmul(weight.reshape(c_out, -1), _columns(x, geometry))
-    return out.reshape(x.shape[0], c_out, *geometry.out_hw)
+    weight_matrix = weight.reshape(c_out, -1)
+    out = np.empty((x.shape[0], c_out, *geometry.out_hw), dtype=x.dtype)
+    for n, rows, cols in _banded_columns(x, geometry):
+        out[n, :, rows] = (weight_matrix @ cols).reshape(c_out, -1, geometry.out_hw[1])
+    return out
 
 
 def _weight_gradient(grad_out, x, geometry: ConvGeometry):
@@ -116,23 +144,36 @@ def _weight_gradient(grad_out, x, geometry: ConvGeometry):
     Computed as the transpose of ``cols[n] (K, L) @ grad_out[n].T (L, C_out)``: the same
     numbers, but OpenBLAS runs this orientation much faster when ``L`` is long.
     """
-    batch, c_out = grad_out.shape[:2]
-    cols = _columns(x, geometry)
-    per_image = np.matmul(cols, grad_out.reshape(batch, c_out, -1).transpose(0, 2, 1))
-    return per_image.sum(axis=0).T.reshape(c_out, x.shape[1], *geometry.kernel_size)
+    c_out = grad_out.shape[1]
+    transposed = np.zeros((x.shape[1] * math.prod(geometry.kernel_size), c_out), x.dtype)
+    for n, rows, cols in _banded_columns(x, geometry):
+        transposed += cols @ grad_out[n, :, rows].reshape(c_out, -1).T
+    return transposed.T.reshape(c_out, x.shape[1], *geometry.kernel_size)
 
 
 def _input_gradient(grad_out, weight, geometry: ConvGeometry):
-    """grad_x (N, C_in, H, W) = col2im(weight.T (K, C_out) @ grad_out (N, C_out, L)).
+    """grad_x (N, C_in, H, W) = col2im(weight.T (K, C_out) @ grad_out (C_out, L)).
 
     This one function is both the input gradient of :func:`conv2d` and the forward pass of
     :func:`~minunet.functional.conv_transpose2d`.
     """
     batch, c_out = grad_out.shape[:2]
-    grad_cols = np.matmul(weight.reshape(c_out, -1).T, grad_out.reshape(batch, c_out, -1))
+    c_in = weight.shape[1]
+    weight_matrix_t = weight.reshape(c_out, -1).T
     if _is_pointwise(geometry):
-        return grad_cols.reshape(batch, weight.shape[1], *geometry.in_hw)
-    return crop2d(col2im(grad_cols, geometry), geometry)
+        grad_x = np.matmul(weight_matrix_t, grad_out.reshape(batch, c_out, -1))
+        return grad_x.reshape(batch, c_in, *geometry.in_hw)
+    grad_x_pad = np.zeros((batch, c_in, *geometry.padded_hw), dtype=grad_out.dtype)
+    bands, buffer = row_bands(geometry, c_in, grad_out.dtype, COLUMN_BUDGET_BYTES)
+    for n in range(batch):
+        for out_rows, in_rows, band in bands:
+            band_grad = grad_out[n, :, out_rows].reshape(c_out, -1)
+            grad_cols = buffer[: weight_matrix_t.shape[0] * band_grad.shape[1]].reshape(
+                weight_matrix_t.shape[0], band_grad.shape[1]
+            )
+            np.matmul(weight_matrix_t, band_grad, out=grad_cols)
+            col2im(grad_cols[None], band, out=grad_x_pad[n : n + 1, :, in_rows])
+    return crop2d(grad_x_pad, geometry)
 
 
 @dispatch_on_array_type

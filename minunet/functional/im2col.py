@@ -17,6 +17,8 @@ which is exactly what the chain rule asks of a gradient.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from minunet.functional._validate import ConvGeometry
@@ -61,26 +63,64 @@ def crop2d(x_padded, geometry: ConvGeometry):
     return np.ascontiguousarray(x_padded[:, :, top : top + h, left : left + w])
 
 
-def im2col(x_padded, geometry: ConvGeometry):
-    """(N, C, H_pad, W_pad) -> cols (N, C*kH*kW, H_out*W_out), one contiguous copy."""
+def im2col(x_padded, geometry: ConvGeometry, buffer=None):
+    """(N, C, H_pad, W_pad) -> cols (N, C*kH*kW, H_out*W_out), one contiguous copy.
+
+    ``buffer``, a flat array of the same dtype with at least as many entries, receives the
+    columns instead of fresh memory (so that big column matrices can reuse one allocation).
+    """
     n, c = x_padded.shape[:2]
     (kh, kw), (h_out, w_out) = geometry.kernel_size, geometry.out_hw
-    cols = np.empty((n, c, kh, kw, h_out, w_out), dtype=x_padded.dtype)
+    shape = (n, c, kh, kw, h_out, w_out)
+    if buffer is None:
+        cols = np.empty(shape, dtype=x_padded.dtype)
+    else:
+        cols = buffer[: math.prod(shape)].reshape(shape)
     for a in range(kh):
         for b in range(kw):
             cols[:, :, a, b] = tap(x_padded, a, b, geometry)
     return cols.reshape(n, c * kh * kw, h_out * w_out)
 
 
-def col2im(cols, geometry: ConvGeometry):
+def col2im(cols, geometry: ConvGeometry, out=None):
     """cols (N, C*kH*kW, H_out*W_out) -> (N, C, H_pad, W_pad), the adjoint of :func:`im2col`:
-    ``x_padded[n, c, i*s_h + a*d_h, j*s_w + b*d_w] += cols[n, (c, a, b), (i, j)]``."""
+    ``x_padded[n, c, i*s_h + a*d_h, j*s_w + b*d_w] += cols[n, (c, a, b), (i, j)]``.
+
+    The sums go into ``out`` (a padded array, or a view of one) when given, else into zeros.
+    """
     (kh, kw), (h_out, w_out) = geometry.kernel_size, geometry.out_hw
     n = cols.shape[0]
     c = cols.shape[1] // (kh * kw)
     cols = cols.reshape(n, c, kh, kw, h_out, w_out)
-    x_padded = np.zeros((n, c, *geometry.padded_hw), dtype=cols.dtype)
+    if out is None:
+        out = np.zeros((n, c, *geometry.padded_hw), dtype=cols.dtype)
     for a in range(kh):
         for b in range(kw):
-            tap(x_padded, a, b, geometry)[...] += cols[:, :, a, b]
-    return x_padded
+            tap(out, a, b, geometry)[...] += cols[:, :, a, b]
+    return out
+
+
+def row_bands(geometry: ConvGeometry, channels: int, dtype, budget_bytes: int):
+    """Split the output rows into bands whose column matrix (C*kH*kW, rows*W_out) takes at
+    most ``budget_bytes`` (but at least one row), so that im2col of a large image never
+    needs more memory than that.
+
+    Returns ``(bands, buffer)``: a list of ``(output rows, padded-input rows, band
+    geometry)`` (slices, and the geometry of the band as seen by :func:`im2col` and
+    :func:`col2im`: only its kernel, stride, dilation and ``out_hw`` are meaningful), and a
+    flat scratch array that holds the columns of any one band.
+    """
+    (kh, kw), (h_out, w_out) = geometry.kernel_size, geometry.out_hw
+    row_entries = channels * kh * kw * w_out
+    rows = max(1, min(h_out, budget_bytes // (row_entries * np.dtype(dtype).itemsize)))
+    bands = []
+    for start in range(0, h_out, rows):
+        stop = min(start + rows, h_out)
+        first_rows, _ = receptive_field(start, 0, geometry)
+        last_rows, _ = receptive_field(stop - 1, 0, geometry)
+        bands.append((
+            slice(start, stop),
+            slice(first_rows.start, last_rows.stop),
+            geometry._replace(out_hw=(stop - start, w_out)),
+        ))
+    return bands, np.empty(rows * row_entries, dtype=dtype)
