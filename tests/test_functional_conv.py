@@ -317,3 +317,32 @@ def test_inputs_are_not_modified(forward, backward, weight_shape, kwargs, rng):
     for original, array in zip(originals + [grad_copy], (x, weight, bias, grad_out), strict=True):
         np.testing.assert_array_equal(original, array)
     assert all(g.dtype == np.float32 for g in (out, *grads))
+
+
+@pytest.mark.parametrize(
+    ("forward", "backward", "weight_shape", "kwargs"),
+    [
+        (*FAST, (4, 3, 3, 3), {}),
+        (*FAST, (4, 3, 1, 1), {}),
+        (*FAST_T, (3, 4, 2, 2), {"stride": 2}),
+    ],
+    ids=["conv3x3", "conv1x1", "upconv2x2"],
+)
+def test_non_contiguous_views_give_the_same_results(forward, backward, weight_shape, kwargs,
+                                                    rng):
+    """The U-Net crops its skip connections: kernels must accept strided views."""
+    x_big = rng.standard_normal((2, 3, 12, 13))
+    x_view = x_big[:, :, 1:-2, 2:-1]  # (2, 3, 9, 10), not contiguous
+    weight_view = rng.standard_normal(weight_shape[::-1]).transpose(3, 2, 1, 0)
+    x, weight = np.ascontiguousarray(x_view), np.ascontiguousarray(weight_view)
+    out = forward(x, weight, **kwargs)
+    np.testing.assert_allclose(forward(x_view, weight_view, **kwargs), out, rtol=1e-12,
+                               atol=1e-12)
+    grad_out_view = rng.standard_normal(out.shape[::-1]).T  # every axis reversed in memory
+    grad_out = np.ascontiguousarray(grad_out_view)
+    for from_views, from_copies in zip(
+        backward(grad_out_view, x_view, weight_view, **kwargs),
+        backward(grad_out, x, weight, **kwargs),
+        strict=True,
+    ):
+        np.testing.assert_allclose(from_views, from_copies, rtol=1e-12, atol=1e-12)
