@@ -92,7 +92,7 @@ def predict(net, image, tile_size: int | None = None, tta: bool = False, *,
     net : minunet.UNet
         Evaluated in eval mode (BatchNorm running statistics, no dropout); its previous
         mode is restored afterwards. Works on NumPy or CuPy networks (the image is moved).
-    image : (H, W) or (C, H, W) array, any size
+    image : (H, W) or (C, H, W) float array in [0, 1], any size
         Converted to the network's dtype; ``C`` must equal the network's ``in_channels``.
     tile_size : int or None
         Edge of the output tile each forward pass produces (rounded to what the network
@@ -113,6 +113,9 @@ def predict(net, image, tile_size: int | None = None, tta: bool = False, *,
     if image.ndim != 3 or image.shape[0] != channels or min(image.shape[1:]) < 1:
         raise ValueError(f"image must be (H, W) or ({channels}, H, W) for this network, got "
                          f"shape {image.shape}")
+    if not np.issubdtype(image.dtype, np.floating):
+        raise TypeError(f"image must be floating point with values in [0, 1] (as in training), "
+                        f"got {image.dtype}; convert it with minunet.data.as_image")
     if tile_size is not None and (not isinstance(tile_size, numbers.Integral) or tile_size < 1):
         raise ValueError(f"tile_size must be a positive int or None, got {tile_size!r}")
     if net.config["padding"] == "valid":

@@ -74,5 +74,7 @@ def test_predict_input_errors(valid_net, image):
     with pytest.raises(ValueError, match="too small"):
         predict(UNet(depth=4, base_channels=2, padding="same", seed=0), image[0], tile_size=4,
                  margin=5)  # 16-pixel input tiles keep 6 pixels, less than the 8 needed
+    with pytest.raises(TypeError, match="floating point"):
+        predict(valid_net, (image * 255).astype(np.uint8))
     with pytest.raises(ValueError, match="margin"):
         predict(valid_net, image, margin=3)
