@@ -81,7 +81,7 @@ def _pool(x_pad, geometry: ConvGeometry, *, track_winner: bool):
     for index, (a, b) in enumerate(rest, start=1):
         candidate = tap(x_pad, a, b, geometry)
         if track_winner:  # strictly greater: on a tie the earlier tap keeps the win
-            np.copyto(winner, index, where=candidate > out)
+            winner += (index - winner) * (candidate > out)  # arithmetic beats masked copies
         np.maximum(out, candidate, out=out)
     return out, winner
 
@@ -94,9 +94,7 @@ def _flat_indices(winner, geometry: ConvGeometry):
     """
     (sh, sw), ((top, _), (left, _)) = geometry.stride, geometry.padding
     (h_out, w_out), width = geometry.out_hw, geometry.in_hw[1]
-    window_corner = (np.arange(h_out)[:, None] * sh - top) * width + (
-        np.arange(w_out) * sw - left
-    )
+    window_corner = (np.arange(h_out)[:, None] * sh - top) * width + (np.arange(w_out) * sw - left)
     tap_offset = np.array([a * width + b for a, b in _taps(geometry)], dtype=np.int64)
     return window_corner + tap_offset[winner]
 
@@ -137,24 +135,17 @@ def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0, indice
     geometry = max_pool2d_arguments(x, kernel_size, stride, padding)
     check_grad_out(grad_out, (*x.shape[:2], *geometry.out_hw), x)
     if indices is not None:
-        return _scatter_to_indices(grad_out, indices, x.shape, geometry)
+        return _scatter_to_indices(grad_out, indices, x.shape)
     x_pad = pad2d(x, geometry.padding, -np.inf)
     _, winner = _pool(x_pad, geometry, track_winner=True)
     grad_x_pad = np.zeros_like(x_pad)
     for index, (a, b) in enumerate(_taps(geometry)):
-        target = tap(grad_x_pad, a, b, geometry)
-        if _windows_overlap(geometry):  # a pixel may win several windows: accumulate
-            target += np.where(winner == index, grad_out, 0)
-        else:  # every pixel is read by one tap of one window: copying is enough
-            np.copyto(target, grad_out, where=winner == index)
+        # += because with overlapping windows a pixel may win several of them
+        tap(grad_x_pad, a, b, geometry)[...] += np.where(winner == index, grad_out, 0)
     return crop2d(grad_x_pad, geometry)
 
 
-def _windows_overlap(geometry: ConvGeometry) -> bool:
-    return any(s < k for s, k in zip(geometry.stride, geometry.kernel_size, strict=True))
-
-
-def _scatter_to_indices(grad_out, indices, x_shape, geometry: ConvGeometry):
+def _scatter_to_indices(grad_out, indices, x_shape):
     """grad_x[n, c].flat[indices[n, c, i, j]] += grad_out[n, c, i, j]."""
     if tuple(indices.shape) != tuple(grad_out.shape) or indices.dtype.kind not in "iu":
         raise ValueError(
@@ -162,11 +153,10 @@ def _scatter_to_indices(grad_out, indices, x_shape, geometry: ConvGeometry):
             f"return_indices=True), of shape {tuple(grad_out.shape)}; got "
             f"{indices.dtype} of shape {tuple(indices.shape)}"
         )
-    planes = x_shape[0] * x_shape[1]
-    grad_x = np.zeros((planes, x_shape[2] * x_shape[3]), dtype=grad_out.dtype)
-    flat_indices, flat_grad = indices.reshape(planes, -1), grad_out.reshape(planes, -1)
-    if _windows_overlap(geometry):  # a pixel may win several windows: accumulate
-        np.add.at(grad_x, (np.arange(planes)[:, None], flat_indices), flat_grad)
-    else:  # every pixel wins at most one window: a plain assignment
-        np.put_along_axis(grad_x, flat_indices, flat_grad, axis=1)
+    planes, plane_size = x_shape[0] * x_shape[1], x_shape[2] * x_shape[3]
+    # indices count within one (n, c) plane; offset them into the flattened gradient
+    plane_start = np.arange(0, planes * plane_size, plane_size)[:, None]
+    flat_indices = indices.reshape(planes, -1) + plane_start
+    grad_x = np.zeros(planes * plane_size, dtype=grad_out.dtype)
+    np.add.at(grad_x, flat_indices.ravel(), grad_out.ravel())  # a pixel may win several windows
     return grad_x.reshape(x_shape)
