@@ -225,6 +225,26 @@ def test_unet_layers_float32(op, weight_shape, kwargs, rng):
                         grad_out, grads)
 
 
+@pytest.mark.parametrize(
+    ("op", "size", "kwargs"),
+    [  # output size = input size, yet padding and stride matter
+        (F.conv2d, (2, 2), {"padding": 1, "stride": 2}),
+        (F.conv2d, (2, 5), {"padding": (1, 0), "stride": (3, 1)}),
+        (F.conv_transpose2d, (2, 2), {"padding": 1, "stride": 2, "output_padding": 1}),
+        (F.conv_transpose2d, (3, 4), {"dilation": 2, "output_padding": 1}),
+    ],
+)
+def test_one_by_one_kernels_that_are_not_pointwise(op, size, kwargs, rng):
+    """1x1 kernels take a shortcut only without padding and stride; these must not."""
+    c_in, c_out = 3, 2
+    shape = (c_in, c_out, 1, 1) if op is F.conv_transpose2d else (c_out, c_in, 1, 1)
+    x, weight, bias = (rng.standard_normal(s) for s in ((2, c_in, *size), shape, (c_out,)))
+    forward, backward = FAST_T if op is F.conv_transpose2d else FAST
+    torch_out, grad_out, grads = torch_forward_backward(op, x, weight, bias, 1, **kwargs)
+    check_against_torch(forward, backward, np.float64, x, weight, bias, kwargs, torch_out,
+                        grad_out, grads)
+
+
 # --- The transposed convolution is the convolution's input gradient -------------------------
 
 

@@ -105,9 +105,11 @@ COLUMN_BUDGET_BYTES = 64 * 2**20
 def _is_pointwise(geometry: ConvGeometry) -> bool:
     """A 1x1, stride-1, unpadded convolution: the input already *is* its column matrix.
 
-    (Comparing the sizes also excludes a transposed 1x1 convolution with output_padding.)
+    With a 1x1 kernel and stride 1, equal input and output sizes mean no padding (and, for a
+    transposed convolution, no output_padding).
     """
-    return geometry.kernel_size == (1, 1) and geometry.in_hw == geometry.out_hw
+    one_by_one = geometry.kernel_size == (1, 1) and geometry.stride == (1, 1)
+    return one_by_one and geometry.in_hw == geometry.out_hw
 
 
 def _banded_columns(x, geometry: ConvGeometry):
