@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 
@@ -93,6 +94,26 @@ def rand_scores(pred_labels, true_labels) -> dict[str, float]:
 def rand_error(pred_labels, true_labels) -> float:
     """``1 - V_rand`` of :func:`rand_scores`."""
     return rand_scores(pred_labels, true_labels)["rand_error"]
+
+
+def best_rand_error(foreground_probabilities, true_labels, thresholds=None) -> dict:
+    """The ISBI 2012 protocol: threshold the foreground probability maps, take 4-connected
+    components as segments, and report the smallest mean :func:`rand_error` over thresholds
+    (one threshold for all images), i.e. ``1 -`` the maximal Rand F-score.
+
+    ``foreground_probabilities`` and ``true_labels``: sequences of (H, W) arrays.
+    Returns ``{"rand_error", "threshold", "by_threshold": {threshold: mean error}}``.
+    """
+    thresholds = np.round(np.arange(0.1, 0.95, 0.1), 2) if thresholds is None else thresholds
+    if len(foreground_probabilities) != len(true_labels) or not len(true_labels):
+        raise ValueError("need the same non-zero number of probability maps and label images")
+    by_threshold = {
+        float(t): float(np.mean([rand_error(ndimage.label(p > t)[0], truth) for p, truth
+                                 in zip(foreground_probabilities, true_labels, strict=True)]))
+        for t in thresholds
+    }
+    best = min(by_threshold, key=by_threshold.get)
+    return {"rand_error": by_threshold[best], "threshold": best, "by_threshold": by_threshold}
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import pytest
 
 from minunet.data import carve_separation_borders, synthetic_cells
 from minunet.metrics import (
+    best_rand_error,
     contingency,
     count_error,
     count_objects,
@@ -94,6 +95,18 @@ def test_rand_error_by_hand(two_squares):
     # over square 1, and square 2 entirely singletons: sum n^2 = 4 + 2 + 4, sum s^2 = 4 + 2 + 4,
     # sum t^2 = 16 + 16
     assert rand_error(half, true) == pytest.approx(1 - 2 * 10 / (10 + 32))
+
+
+def test_best_rand_error_picks_the_threshold_that_separates():
+    true = np.zeros((4, 9), np.int32)
+    true[:, 0:4], true[:, 5:9] = 1, 2
+    prob = np.where(true > 0, 0.9, 0.0)
+    prob[1:3, 4] = 0.6  # a weak bridge between the two cells
+    result = best_rand_error([prob], [true], thresholds=[0.5, 0.7])
+    merged = np.where(prob > 0.5, 1, 0)
+    assert result["by_threshold"][0.5] == pytest.approx(rand_error(merged, true))
+    assert result["by_threshold"][0.5] > 0.3
+    assert result["threshold"] == 0.7 and result["rand_error"] == pytest.approx(0.0)
 
 
 def brute_force_rand_error(pred, true):
