@@ -9,7 +9,7 @@ that of a convolution: ``H_out = floor((H + 2*p_h - kH) / s_h) + 1``.
 pixels of a window share the maximum, the *first* of them in row-major window order
 (smallest ``a``, then smallest ``b``) receives the whole gradient, and the others none. This
 is what PyTorch's CPU kernel does; it keeps the gradient's total equal to ``grad_out``'s.
-Inputs are assumed to be free of NaN.
+Inputs are assumed to be free of NaN and ``-inf`` (which could tie with the padding).
 """
 
 from __future__ import annotations
