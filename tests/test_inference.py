@@ -78,3 +78,12 @@ def test_predict_input_errors(valid_net, image):
         predict(valid_net, (image * 255).astype(np.uint8))
     with pytest.raises(ValueError, match="margin"):
         predict(valid_net, image, margin=3)
+
+
+@pytest.mark.gpu
+def test_predict_on_the_gpu_matches_the_cpu(valid_net, image):
+    expected = predict(valid_net, image, tile_size=16)
+    valid_net.to("cupy")
+    got = predict(valid_net, image, tile_size=16)
+    assert isinstance(got, np.ndarray)  # probabilities come back to the host
+    np.testing.assert_allclose(got, expected, atol=1e-4)

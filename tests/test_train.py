@@ -125,3 +125,13 @@ def test_time_budget_stops_early_with_a_final_record(cells):
                   **FAST)
     assert len(history.loss) == 1
     assert len(history.epochs) == 1 and "val_iou" in history.epochs[0]
+
+
+@pytest.mark.gpu
+def test_training_on_the_gpu_follows_the_cpu(cells):
+    train, _ = cells
+    on_cpu = fit(small_net(), train, steps=2, seed=4, **FAST)
+    gpu_net = small_net().to("cupy")
+    on_gpu = fit(gpu_net, train, steps=2, seed=4, **FAST)
+    np.testing.assert_allclose(on_gpu.loss, on_cpu.loss, rtol=1e-3)
+    assert gpu_net.device == "cupy"
