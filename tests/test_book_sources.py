@@ -3,7 +3,7 @@
 Every chapter listed in ``_toc.yml`` must exist; every executed chapter must be a MyST
 notebook for the ``python3`` kernel that imports ``minunet``, follow the book's arc (ending
 with a summary and exercises), cite only keys that ``references.bib`` defines, and paste
-(``{glue:}``) only values that one of its own cells glues. Placeholder text is not allowed.
+(``{glue:text}``) only values that one of its own cells glues. Placeholder text is not allowed.
 """
 
 from __future__ import annotations
@@ -89,4 +89,6 @@ def test_citations_and_glue_resolve(path):
     assert cited <= known, f"{path.name} cites unknown keys {sorted(cited - known)}"
     glued = set(re.findall(r"""glue\(\s*["']([^"']+)["']""", "\n".join(code_cells(text))))
     pasted = set(re.findall(r"\{glue(?::\w*)?\}`([^`]+)`", text))
+    # a bare {glue:} pastes the value's repr, quotes included; {glue:text} pastes its text
+    assert "{glue:}`" not in text, f"{path.name}: paste with {{glue:text}}, not {{glue:}}"
     assert pasted <= glued, f"{path.name} pastes values no cell glues: {sorted(pasted - glued)}"
