@@ -18,7 +18,9 @@ $(STAMP): requirements.txt pyproject.toml
 book: $(STAMP)
 	# The chapters run in this virtual environment's kernel, whatever else is installed.
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (minunet)" >/dev/null
+	# tqdm.auto warns once that notebook widgets are missing; the book shows no progress bars.
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" JUPYTER_PATH="$(CURDIR)/$(VENV)/share/jupyter" \
+	  PYTHONWARNINGS="ignore:IProgress not found" \
 	  $(VENV)/bin/jupyter-book build . --all --warningiserror --keep-going --path-output .
 	@echo "Book written to _build/html/index.html"
 

@@ -168,6 +168,7 @@ def test_page_loads_with_title_and_figures(file, browser, tmp_path):
     # A copy of the page with the measuring script, in the same folder so relative links work.
     probe = page.with_name(f".probe-{page.name}")
     markup = page.read_text()
+    assert "output stderr" not in markup, f"{file} shows a warning or error output (stderr)"
     probe.write_text(markup.replace("</body>", _MEASURE_SCRIPT + "</body>"))
     try:
         dom = run_browser(browser_args(browser, tmp_path / "profile")
