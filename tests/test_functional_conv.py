@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import minunet.functional as mf
 
@@ -366,3 +368,41 @@ def test_non_contiguous_views_give_the_same_results(forward, backward, weight_sh
         strict=True,
     ):
         np.testing.assert_allclose(from_views, from_copies, rtol=1e-12, atol=1e-12)
+
+
+# --- Edge sizes, explored by hypothesis -----------------------------------------------------
+
+small_pairs = st.tuples(st.integers(1, 3), st.integers(1, 3))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    size=st.tuples(st.integers(1, 6), st.integers(1, 6)),
+    kernel=small_pairs,
+    stride=small_pairs,
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    transposed=st.booleans(),
+    extra=st.integers(0, 2),
+)
+def test_tiny_edge_configurations(size, kernel, stride, dilation, padding, transposed, extra):
+    """Where PyTorch accepts a configuration we must agree with it; where it refuses, we
+    must refuse with a ValueError. Sizes down to one pixel, kernels covering all of it."""
+    rng = np.random.default_rng(sum(size + kernel + stride + dilation + padding) + extra)
+    kwargs = {"stride": stride, "padding": padding, "dilation": dilation}
+    if transposed:
+        kwargs["output_padding"] = tuple(min(extra, max(s, d) - 1)
+                                         for s, d in zip(stride, dilation, strict=True))
+    op = F.conv_transpose2d if transposed else F.conv2d
+    forward, backward = FAST_T if transposed else FAST
+    x, weight, bias = (rng.standard_normal(s) for s in ((2, 2, *size), (2, 3, *kernel), (3,)))
+    if not transposed:
+        weight = weight.transpose(1, 0, 2, 3).copy()
+    try:
+        torch_out, grad_out, grads = torch_forward_backward(op, x, weight, bias, 0, **kwargs)
+    except RuntimeError:
+        with pytest.raises(ValueError):
+            forward(x, weight, bias, **kwargs)
+        return
+    check_against_torch(forward, backward, np.float64, x, weight, bias, kwargs, torch_out,
+                        grad_out, grads)
