@@ -222,7 +222,36 @@ class ModuleList(Module):
         return iter(self._items)
 
 
-class Conv2d(Module):
+class _ConvolutionLayer(Module):
+    """What Conv2d and ConvTranspose2d share: a weight, an optional bias, a cached input, and
+    a forward/backward kernel pair from :mod:`minunet.functional` called with the layer's own
+    geometry (:meth:`_geometry`)."""
+
+    forward_kernel = None   # set by subclasses to a minunet.functional forward function
+    backward_kernel = None  # ... and to its backward
+
+    def _geometry(self) -> dict:
+        raise NotImplementedError
+
+    def forward(self, x):
+        self._x = x
+        bias = None if self.bias is None else self.bias.data
+        return type(self).forward_kernel(x, self.weight.data, bias, **self._geometry())
+
+    def backward(self, grad_out):
+        x = self._require_cache(self._x)
+        grad_x, grad_w, grad_b = type(self).backward_kernel(grad_out, x, self.weight.data,
+                                                            **self._geometry())
+        self.weight.grad += grad_w
+        if self.bias is not None:
+            self.bias.grad += grad_b
+        return grad_x
+
+    def _clear_cache(self):
+        self._x = None
+
+
+class Conv2d(_ConvolutionLayer):
     """2-D convolution (cross-correlation, as in PyTorch), stride 1.
 
     Shapes: x (N, C_in, H, W) -> (N, C_out, H', W'), weight (C_out, C_in, kh, kw),
@@ -244,30 +273,19 @@ class Conv2d(Module):
         self.bias = Parameter(np.zeros(out_channels, dtype)) if bias else None
         self._x = None
 
-    def forward(self, x):
-        self._x = x
-        bias = None if self.bias is None else self.bias.data
-        return F.conv2d(x, self.weight.data, bias, padding=self.padding)
+    forward_kernel = staticmethod(F.conv2d)
+    backward_kernel = staticmethod(F.conv2d_backward)
 
-    def backward(self, grad_out):
-        x = self._require_cache(self._x)
-        grad_x, grad_w, grad_b = F.conv2d_backward(grad_out, x, self.weight.data,
-                                                   padding=self.padding)
-        self.weight.grad += grad_w
-        if self.bias is not None:
-            self.bias.grad += grad_b
-        return grad_x
+    def _geometry(self):
+        return {"padding": self.padding}
 
     def output_shape(self, input_shape):
         n, _, h, w = input_shape
         hw = shapes.conv2d_output_shape((h, w), self.kernel_size, (1, 1), self._pads, (1, 1))
         return (n, self.weight.shape[0], *hw)
 
-    def _clear_cache(self):
-        self._x = None
 
-
-class ConvTranspose2d(Module):
+class ConvTranspose2d(_ConvolutionLayer):
     """2-D transposed convolution (the U-Net's "up-convolution"), no padding.
 
     Shapes: x (N, C_in, H, W) -> (N, C_out, (H-1)*s + kh, (W-1)*s + kw),
@@ -295,28 +313,17 @@ class ConvTranspose2d(Module):
         self.bias = Parameter(np.zeros(out_channels, dtype)) if bias else None
         self._x = None
 
-    def forward(self, x):
-        self._x = x
-        bias = None if self.bias is None else self.bias.data
-        return F.conv_transpose2d(x, self.weight.data, bias, stride=self.stride)
+    forward_kernel = staticmethod(F.conv_transpose2d)
+    backward_kernel = staticmethod(F.conv_transpose2d_backward)
 
-    def backward(self, grad_out):
-        x = self._require_cache(self._x)
-        grad_x, grad_w, grad_b = F.conv_transpose2d_backward(grad_out, x, self.weight.data,
-                                                             stride=self.stride)
-        self.weight.grad += grad_w
-        if self.bias is not None:
-            self.bias.grad += grad_b
-        return grad_x
+    def _geometry(self):
+        return {"stride": self.stride}
 
     def output_shape(self, input_shape):
         n, _, h, w = input_shape
         hw = shapes.conv_transpose2d_output_shape((h, w), self.kernel_size, self.stride,
                                                   (0, 0), (0, 0), (1, 1))
         return (n, self.weight.shape[1], *hw)
-
-    def _clear_cache(self):
-        self._x = None
 
 
 class MaxPool2d(Module):
@@ -333,14 +340,18 @@ class MaxPool2d(Module):
         self.stride = self.kernel_size if stride is None else shapes.pair(stride, "stride",
                                                                            minimum=1)
         self._x = None
+        self._winners = None
 
     def forward(self, x):
+        # The winners' positions are kept so that backward need not search the windows again.
         self._x = x
-        return F.max_pool2d(x, self.kernel_size, self.stride)
+        out, self._winners = F.max_pool2d(x, self.kernel_size, self.stride, return_indices=True)
+        return out
 
     def backward(self, grad_out):
         x = self._require_cache(self._x)
-        return F.max_pool2d_backward(grad_out, x, self.kernel_size, self.stride)
+        return F.max_pool2d_backward(grad_out, x, self.kernel_size, self.stride,
+                                     indices=self._winners)
 
     def output_shape(self, input_shape):
         n, c, h, w = input_shape
@@ -348,6 +359,7 @@ class MaxPool2d(Module):
 
     def _clear_cache(self):
         self._x = None
+        self._winners = None
 
 
 class ReLU(Module):
