@@ -227,8 +227,10 @@ class _ConvolutionLayer(Module):
     a forward/backward kernel pair from :mod:`minunet.functional` called with the layer's own
     geometry (:meth:`_geometry`)."""
 
-    forward_kernel = None   # set by subclasses to a minunet.functional forward function
-    backward_kernel = None  # ... and to its backward
+    # Names of the kernel pair in minunet.functional, looked up at each call (so that the
+    # kernels can be swapped, e.g. for emulated CUDA ones in the tests).
+    forward_kernel: str
+    backward_kernel: str
 
     def _geometry(self) -> dict:
         raise NotImplementedError
@@ -236,12 +238,13 @@ class _ConvolutionLayer(Module):
     def forward(self, x):
         self._x = x
         bias = None if self.bias is None else self.bias.data
-        return type(self).forward_kernel(x, self.weight.data, bias, **self._geometry())
+        kernel = getattr(F, self.forward_kernel)
+        return kernel(x, self.weight.data, bias, **self._geometry())
 
     def backward(self, grad_out):
         x = self._require_cache(self._x)
-        grad_x, grad_w, grad_b = type(self).backward_kernel(grad_out, x, self.weight.data,
-                                                            **self._geometry())
+        kernel = getattr(F, self.backward_kernel)
+        grad_x, grad_w, grad_b = kernel(grad_out, x, self.weight.data, **self._geometry())
         self.weight.grad += grad_w
         if self.bias is not None:
             self.bias.grad += grad_b
@@ -273,8 +276,8 @@ class Conv2d(_ConvolutionLayer):
         self.bias = Parameter(np.zeros(out_channels, dtype)) if bias else None
         self._x = None
 
-    forward_kernel = staticmethod(F.conv2d)
-    backward_kernel = staticmethod(F.conv2d_backward)
+    forward_kernel = "conv2d"
+    backward_kernel = "conv2d_backward"
 
     def _geometry(self):
         return {"padding": self.padding}
@@ -313,8 +316,8 @@ class ConvTranspose2d(_ConvolutionLayer):
         self.bias = Parameter(np.zeros(out_channels, dtype)) if bias else None
         self._x = None
 
-    forward_kernel = staticmethod(F.conv_transpose2d)
-    backward_kernel = staticmethod(F.conv_transpose2d_backward)
+    forward_kernel = "conv_transpose2d"
+    backward_kernel = "conv_transpose2d_backward"
 
     def _geometry(self):
         return {"stride": self.stride}
