@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test lint notebooks bench check-book clean
+.PHONY: book test lint notebooks bench gpu-check check-book clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,8 +40,15 @@ notebooks: $(STAMP)
 	  $(VENV)/bin/jupytext --quiet --to ipynb -o notebooks/$$(basename $${chapter%.md}).ipynb $$chapter || exit 1; \
 	done
 
+# Speed against PyTorch (a few minutes); the accuracy runs take ~20 minutes more:
+#   $(PY) benchmarks/bench_segmentation.py synthetic   (also dsb2018, isbi2012)
 bench: $(STAMP)
-	$(PY) benchmarks/bench_kernels.py
+	$(PY) benchmarks/bench_kernels.py --threads 2
+	$(PY) benchmarks/bench_unet_step.py --threads 2 --repeats 10
+
+# On a machine with an NVIDIA GPU and CuPy: the GPU tests and the GPU benchmark.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf _build notebooks .pytest_cache
