@@ -15,7 +15,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-book: $(STAMP)
+book: $(STAMP) notebooks
 	# The chapters run in this virtual environment's kernel, whatever else is installed.
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (minunet)" >/dev/null
 	# tqdm.auto warns once that notebook widgets are missing; the book shows no progress bars.
