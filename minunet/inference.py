@@ -35,7 +35,7 @@ from minunet.losses import softmax
 SAME_PADDING_MARGIN = 32
 
 
-def _axis_plan(net, length: int, tile_size: int | None, extra: int):
+def tiling_plan(net, length: int, tile_size: int | None, extra: int):
     """Tiling of one axis: ``(input_edge, offset, stride, count, pad_before, pad_after)``.
 
     ``offset`` is where the network's output starts inside its input tile ((in - out) / 2,
@@ -64,8 +64,8 @@ def _axis_plan(net, length: int, tile_size: int | None, extra: int):
 def _predict_once(net, image: np.ndarray, tile_size, margin: int, progress: bool):
     """Class probabilities (num_classes, H, W) of one (C, H, W) image, tile by tile."""
     height, width = image.shape[-2:]
-    rows = _axis_plan(net, height, tile_size, margin)
-    cols = _axis_plan(net, width, tile_size, margin)
+    rows = tiling_plan(net, height, tile_size, margin)
+    cols = tiling_plan(net, width, tile_size, margin)
     padded = mirror_pad(image, ((rows[4], rows[5]), (cols[4], cols[5])))
     on_gpu = net.device == "cupy"
     result = np.empty((net.config["num_classes"], height, width), np.float32)
