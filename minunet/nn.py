@@ -232,6 +232,12 @@ class _ConvolutionLayer(Module):
     forward_kernel: str
     backward_kernel: str
 
+    def __init__(self, weight, out_channels: int, bias: bool):
+        super().__init__()
+        self.weight = Parameter(weight)
+        self.bias = Parameter(np.zeros(out_channels, weight.dtype)) if bias else None
+        self._x = None
+
     def _geometry(self) -> dict:
         raise NotImplementedError
 
@@ -263,21 +269,18 @@ class Conv2d(_ConvolutionLayer):
     ``padding``: int, pair, ``"valid"`` or ``"same"``.
     """
 
+    forward_kernel = "conv2d"
+    backward_kernel = "conv2d_backward"
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size, padding=0,
                  bias: bool = True, dtype="float32", seed=None):
-        super().__init__()
         kh, kw = shapes.pair(kernel_size, "kernel_size", minimum=1)
-        dtype = float_dtype(dtype)
+        weight = he_normal(_rng(seed), (out_channels, in_channels, kh, kw),
+                           in_channels * kh * kw, float_dtype(dtype))
+        super().__init__(weight, out_channels, bias)
         self.kernel_size = (kh, kw)
         self.padding = padding
         self._pads = shapes.resolve_padding(padding, (kh, kw), (1, 1), (1, 1))
-        self.weight = Parameter(he_normal(_rng(seed), (out_channels, in_channels, kh, kw),
-                                          in_channels * kh * kw, dtype))
-        self.bias = Parameter(np.zeros(out_channels, dtype)) if bias else None
-        self._x = None
-
-    forward_kernel = "conv2d"
-    backward_kernel = "conv2d_backward"
 
     def _geometry(self):
         return {"padding": self.padding}
@@ -302,22 +305,19 @@ class ConvTranspose2d(_ConvolutionLayer):
     weight's second axis as fan-in; that is not the number of incoming nodes.)
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size=2, stride=2,
-                 bias: bool = True, dtype="float32", seed=None):
-        super().__init__()
-        kh, kw = shapes.pair(kernel_size, "kernel_size", minimum=1)
-        sh, sw = shapes.pair(stride, "stride", minimum=1)
-        dtype = float_dtype(dtype)
-        self.kernel_size = (kh, kw)
-        self.stride = (sh, sw)
-        fan_in = in_channels * kh * kw / (sh * sw)
-        self.weight = Parameter(he_normal(_rng(seed), (in_channels, out_channels, kh, kw),
-                                          fan_in, dtype))
-        self.bias = Parameter(np.zeros(out_channels, dtype)) if bias else None
-        self._x = None
-
     forward_kernel = "conv_transpose2d"
     backward_kernel = "conv_transpose2d_backward"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=2, stride=2,
+                 bias: bool = True, dtype="float32", seed=None):
+        kh, kw = shapes.pair(kernel_size, "kernel_size", minimum=1)
+        sh, sw = shapes.pair(stride, "stride", minimum=1)
+        fan_in = in_channels * kh * kw / (sh * sw)
+        weight = he_normal(_rng(seed), (in_channels, out_channels, kh, kw), fan_in,
+                           float_dtype(dtype))
+        super().__init__(weight, out_channels, bias)
+        self.kernel_size = (kh, kw)
+        self.stride = (sh, sw)
 
     def _geometry(self):
         return {"stride": self.stride}
