@@ -1,4 +1,4 @@
-"""The CPU emulation of CUDA (``tests/cuda_emu``) catches what a GPU would get wrong.
+"""The CPU emulation of CUDA (:mod:`minunet.cuda.emulator`) catches what a GPU would get wrong.
 
 If the emulation were too forgiving, the kernel tests in ``test_cuda_kernels.py`` would pass
 for kernels that fail on a GPU. These tests feed it broken kernels and check that it notices:
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cuda_emu.emulator import EmulatedRunner, EmulationError, compiler
 
 from minunet import cuda
 from minunet import functional as F
 from minunet.cuda import ops
+from minunet.cuda.emulator import EmulatedRunner, EmulationError, compiler
 
 pytestmark = pytest.mark.skipif(
     compiler() is None, reason="the CPU emulation of the CUDA kernels needs g++"

@@ -1,10 +1,10 @@
 """The CUDA kernels against the NumPy kernels, through :mod:`minunet.cuda.ops`.
 
-Every test runs twice: on the CPU emulation of the CUDA execution model (``tests/cuda_emu``:
-the same ``.cu`` sources compiled with g++, launched by the same host code in
-:mod:`minunet.cuda.ops`), and on a GPU through CuPy (marked ``gpu``; skipped without one).
-The oracles are :mod:`minunet.functional`, :mod:`minunet.losses` (tested against PyTorch by
-their own tests) and ``torch.optim``.
+Every test runs twice: on the CPU emulation of the CUDA execution model
+(:mod:`minunet.cuda.emulator`: the same ``.cu`` sources compiled with g++, launched by the
+same host code in :mod:`minunet.cuda.ops`), and on a GPU through CuPy (marked ``gpu``;
+skipped without one). The oracles are :mod:`minunet.functional`, :mod:`minunet.losses`
+(tested against PyTorch by their own tests) and ``torch.optim``.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from cuda_emu.emulator import EmulatedRunner, compiler
 
 from minunet import cuda, losses
 from minunet import functional as F
 from minunet.backend import gpu_available, to_numpy
 from minunet.cuda import ops
+from minunet.cuda.emulator import EmulatedRunner, compiler
 
 ALGORITHMS = ops.ALGORITHMS
 TOLERANCE = {"float64": dict(rtol=1e-10, atol=1e-10), "float32": dict(rtol=2e-5, atol=2e-5)}

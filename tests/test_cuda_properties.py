@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cuda_emu.emulator import EmulatedRunner, compiler
 
 from minunet import functional as F
 from minunet import shapes
 from minunet.cuda import ops
+from minunet.cuda.emulator import EmulatedRunner, compiler
 
 hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies

@@ -1,9 +1,10 @@
-"""Compile the kernel files with g++ and the emulation header, and launch them from Python.
+"""Run the CUDA kernels on the CPU: compile them with g++ and ``cuda_emu.h``, launch from Python.
 
 :class:`EmulatedRunner` stands in for :class:`minunet.cuda.ops.CupyRunner`: the functions of
-:mod:`minunet.cuda.ops` take ``runner=...``, so the tests run the SAME host code (sizes,
-grids, argument lists, the composition of passes) and the SAME kernels as on a GPU, with
-NumPy arrays standing in for GPU memory.
+:mod:`minunet.cuda.ops` take ``runner=...``, so the tests and the book run the SAME host code
+(sizes, grids, argument lists, the composition of passes) and the SAME kernels as on a GPU,
+with NumPy arrays standing in for GPU memory. It needs only g++ (:func:`compiler`), no GPU
+and no CuPy. ``README.md`` next to this file explains how the emulation works.
 
 Two things a GPU would punish are checked on every launch:
 

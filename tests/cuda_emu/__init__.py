@@ -1,1 +1,0 @@
-"""Running the CUDA kernels of :mod:`minunet.cuda` on the CPU (see ``cuda_emu.h``)."""
