@@ -476,7 +476,7 @@ class BatchNorm2d(Module):
             self.running_var = (1 - m) * self.running_var + m * var * (count / (count - 1))
             self.running_mean = self.running_mean.astype(x.dtype)
             self.running_var = self.running_var.astype(x.dtype)
-            self.num_batches_tracked = self.num_batches_tracked + 1
+            self.num_batches_tracked += 1  # in place: stays a 0-d array
         else:
             mean, var = self.running_mean, self.running_var
         inv_std = 1.0 / xp.sqrt(var + self.eps)

@@ -49,6 +49,27 @@ from minunet.postprocess import label_instances
 
 CHECKPOINT_FORMAT = 1
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
+LR_SCHEDULES = ("constant", "cosine")
+# Validation metrics that keep_best can select on, and their direction.
+HIGHER_IS_BETTER = {"iou": True, "dice": True, "f1": True, "pixel_error": False,
+                    "count_error": False}
+
+
+def learning_rate(schedule: str, lr: float, min_lr: float, step: int, steps: int) -> float:
+    """The learning rate of step ``step`` (0-based) out of ``steps``."""
+    if schedule == "constant":
+        return lr
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * step / steps))
+
+
+def _improves(score: float, metric: str, best: float | None) -> bool:
+    if best is None:
+        return True
+    return score > best if HIGHER_IS_BETTER[metric] else score < best
+
+
+def _copy_state(net) -> dict:
+    return {name: to_numpy(value).copy() for name, value in net.state_dict().items()}
 
 
 @dataclass
@@ -63,6 +84,7 @@ class History:
 
     loss: list = field(default_factory=list)
     epochs: list = field(default_factory=list)
+    best_epoch: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -198,7 +220,9 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
         weight_maps: bool = True, w0: float = 10.0, sigma: float = 5.0,
         class_weights="balanced", border_width: int = 1, seed: int = 0,
         checkpoint_path=None, resume: bool = False, progress: bool = True,
-        val_tile_size: int | None = None, max_seconds: float | None = None) -> History:
+        val_tile_size: int | None = None, max_seconds: float | None = None,
+        lr_schedule: str = "constant", min_lr: float = 0.0,
+        keep_best: str | None = None) -> History:
     """Train ``net`` (in place) and return its :class:`History`.
 
     Parameters
@@ -228,6 +252,13 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
     val_tile_size : ``tile_size`` of :func:`minunet.predict` during validation.
     max_seconds : stop early, after the step during which this much wall time has passed
         (validation and checkpoint then happen as at the end of an epoch).
+    lr_schedule, min_lr : ``"constant"``, or ``"cosine"``: the learning rate falls from
+        ``lr`` to ``min_lr`` along half a cosine over the ``steps`` (large steps while the
+        network is far from a minimum, small ones to settle into it at the end).
+    keep_best : name of a validation metric (``"iou"``, ``"dice"``, ``"f1"``: higher is
+        better; ``"pixel_error"``, ``"count_error"``: lower is better). After training, the
+        network holds the weights of the epoch that scored best on it, not the last ones;
+        ``History.best_epoch`` says which. Needs ``val_data``.
 
     Raises ``FloatingPointError`` naming the step if the loss becomes NaN or infinite.
     """
@@ -239,6 +270,14 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if resume and checkpoint_path is None:
         raise ValueError("resume=True needs a checkpoint_path")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+    if keep_best is not None:
+        if keep_best not in HIGHER_IS_BETTER:
+            raise ValueError(f"keep_best must be one of {sorted(HIGHER_IS_BETTER)}, got "
+                             f"{keep_best!r}")
+        if val_data is None:
+            raise ValueError("keep_best needs val_data to choose the best epoch on")
     train = as_dataset(train_data, "train_data")
     val = None if val_data is None else as_dataset(val_data, "val_data")
     targets, weights = zip(*(training_targets(
@@ -261,10 +300,10 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
                 "momentum": momentum, "weight_decay": weight_decay, "augment": augment,
                 "elastic_std": elastic_std, "weight_maps": weight_maps, "w0": w0,
                 "sigma": sigma, "class_weights": class_weights, "border_width": border_width,
-                "seed": seed,
-                "steps": steps, "steps_per_epoch": steps_per_epoch}
+                "seed": seed, "steps": steps, "steps_per_epoch": steps_per_epoch,
+                "lr_schedule": lr_schedule, "min_lr": min_lr, "keep_best": keep_best}
     opt = make_optimizer(net, optimizer, lr, momentum, weight_decay)
-    settings["lr"] = opt.lr
+    settings["lr"] = base_lr = opt.lr
     rng = np.random.default_rng(seed)
     history = History()
     step = 0
@@ -283,10 +322,12 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
     net.train()
     bar = tqdm(total=steps, initial=step, desc="training", disable=not progress,
                unit="step", dynamic_ncols=True)
+    best_score, best_state = None, None
     started = epoch_start = time.perf_counter()
     epoch_losses = []
     try:
         while step < steps:
+            opt.lr = learning_rate(lr_schedule, base_lr, min_lr, step, steps)
             x, target, weight = sampler.sample(batch_size, rng)
             x, weight = x.astype(net.dtype), weight.astype(net.dtype)
             if device == "cupy":
@@ -315,6 +356,10 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
                 if val is not None:
                     metrics = evaluate(net, val, tile_size=val_tile_size)
                     record.update({f"val_{k}": v for k, v in metrics.items()})
+                    if keep_best is not None and _improves(metrics[keep_best], keep_best,
+                                                           best_score):
+                        best_score, best_state = metrics[keep_best], _copy_state(net)
+                        history.best_epoch = record["epoch"]
                     net.train()
                     bar.set_postfix(loss=f"{loss:.4f}", val_iou=f"{metrics['iou']:.3f}")
                 history.epochs.append(record)
@@ -325,5 +370,7 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
                 break
     finally:
         bar.close()
+    if best_state is not None:
+        net.load_state_dict(best_state)
     net.eval()
     return history
