@@ -40,7 +40,7 @@ OUTPUT = ROOT / "runs" / "pretrained"
 RECIPES = {
     "isbi2012": {
         "network": {"depth": 5, "base_channels": 24, "padding": "same", "batch_norm": True},
-        "fit": {"steps": 4000, "steps_per_epoch": 250, "batch_size": 4, "tile_size": 128,
+        "fit": {"steps": 2400, "steps_per_epoch": 200, "batch_size": 4, "tile_size": 128,
                 "optimizer": "adam", "lr": 1e-3, "lr_schedule": "cosine", "min_lr": 1e-5,
                 "weight_maps": False, "class_weights": (1.0, 1.0), "border_width": 0,
                 "elastic_std": 10.0, "keep_best": "pixel_error"},
