@@ -52,6 +52,19 @@ def pixel_error(pred, target) -> float:
     return float(np.mean(p != t)) if p.size else 0.0
 
 
+def class_scores(pred_classes, true_classes, num_classes: int) -> dict[str, float]:
+    """Per-class scores of a class-index prediction: ``iou_<c>`` for every class
+    ``c = 1 .. num_classes - 1`` (1.0 where the class is absent from both), ``iou`` their
+    mean, and ``pixel_error``, the fraction of pixels given the wrong class."""
+    pred, true = _pair(pred_classes, true_classes)
+    scores = {}
+    for c in range(1, num_classes):
+        scores[f"iou_{c}"] = iou(pred == c, true == c)
+    scores["iou"] = float(np.mean(list(scores.values())))
+    scores["pixel_error"] = float(np.mean(pred != true)) if pred.size else 0.0
+    return scores
+
+
 def contingency(pred_labels, true_labels) -> np.ndarray:
     """``n[i, j]`` = number of pixels with predicted label ``i`` and true label ``j``
     (int64, shape ``(max_pred + 1, max_true + 1)``, row/column 0 = background)."""
@@ -63,32 +76,92 @@ def contingency(pred_labels, true_labels) -> np.ndarray:
     return flat.reshape(rows, columns)
 
 
+def _foreground_table(pred_labels, true_labels) -> tuple[np.ndarray, np.ndarray]:
+    """``(segments, singletons)``: the contingency table restricted to true foreground
+    (rows: predicted segments 1.., columns: true segments 1..), and per true segment the
+    number of its pixels predicted as background, each of which counts as a segment of its
+    own (so that missing a cell is scored as shattering it, not as merging it with all
+    other misses)."""
+    table = contingency(pred_labels, true_labels)[:, 1:].astype(np.float64)
+    return table[1:], table[0]
+
+
 def rand_scores(pred_labels, true_labels) -> dict[str, float]:
     """Foreground-restricted Rand scores (Arganda-Carreras et al. 2015, the ISBI 2012 metric).
 
     Only pixels with a true label ``> 0`` are scored (true background/membrane is ignored).
     Among them, ``n_ij`` counts pixels in predicted segment ``i`` and true segment ``j``;
-    predicted background pixels (label 0) count as singleton segments, one per pixel, so
-    missing a cell is penalised as splitting it into single pixels. With ``s_i = sum_j n_ij``
-    and ``t_j = sum_i n_ij``::
+    predicted background pixels (label 0) count as singleton segments, one per pixel. The
+    scores count *pairs* of distinct pixels: with ``s_i = sum_j n_ij``, ``t_j = sum_i n_ij``
+    and ``P(n) = n (n - 1)`` (ordered pairs among ``n`` pixels)::
 
-        split = sum n_ij^2 / sum t_j^2      (1 when no true segment is split)
-        merge = sum n_ij^2 / sum s_i^2      (1 when no predicted segment merges true ones)
-        V_rand = 2 / (1/split + 1/merge) = 2 sum n_ij^2 / (sum s_i^2 + sum t_j^2)
+        split = sum P(n_ij) / sum P(t_j)    (1 when no true segment is split; "recall")
+        merge = sum P(n_ij) / sum P(s_i)    (1 when no predicted segment merges; "precision")
+        V_rand = 2 / (1/split + 1/merge)    (the Rand F-score)
 
-    Returns ``{"split", "merge", "v_rand", "rand_error"}`` with ``rand_error = 1 - V_rand``.
+    Returns ``{"split", "merge", "v_rand", "rand_error"}`` with ``rand_error = 1 - V_rand``:
+    ``skimage.metrics.adapted_rand_error`` with the predicted background given one label
+    per pixel.
     """
-    table = contingency(pred_labels, true_labels)[:, 1:].astype(np.float64)  # true fg only
-    singletons = table[0]  # predicted background: every pixel its own segment
-    segments = table[1:]
-    sum_squares = (segments**2).sum() + singletons.sum()
-    sum_pred = (segments.sum(axis=1) ** 2).sum() + singletons.sum()
-    sum_true = (table.sum(axis=0) ** 2).sum()
-    if sum_true == 0:
+    segments, singletons = _foreground_table(pred_labels, true_labels)
+    true_sizes = segments.sum(axis=0) + singletons
+    joint = (segments * (segments - 1)).sum()
+    pred_sizes = segments.sum(axis=1)
+    sum_pred = (pred_sizes * (pred_sizes - 1)).sum()
+    sum_true = (true_sizes * (true_sizes - 1)).sum()
+    if sum_true == 0 and sum_pred == 0:
         return {"split": 1.0, "merge": 1.0, "v_rand": 1.0, "rand_error": 0.0}
-    v_rand = 2 * sum_squares / (sum_pred + sum_true)
-    return {"split": float(sum_squares / sum_true), "merge": float(sum_squares / sum_pred),
+    v_rand = 2 * joint / (sum_pred + sum_true)
+    return {"split": float(joint / sum_true) if sum_true else 1.0,
+            "merge": float(joint / sum_pred) if sum_pred else 1.0,
             "v_rand": float(v_rand), "rand_error": float(1 - v_rand)}
+
+
+def variation_of_information(pred_labels, true_labels) -> dict[str, float]:
+    """Foreground-restricted variation of information (Meila 2007), in bits (as
+    ``skimage.metrics.variation_of_information``), over the same pixels and with the same
+    singleton rule as :func:`rand_scores`.
+
+    ``split = H(pred | true)``: the information needed to recover the prediction from the
+    truth, large when true segments are cut into pieces; ``merge = H(true | pred)``, large
+    when predicted segments join true ones; ``vi = split + merge`` (0 for a perfect match).
+    """
+    segments, singletons = _foreground_table(pred_labels, true_labels)
+    total = segments.sum() + singletons.sum()
+    if total == 0:
+        return {"split": 0.0, "merge": 0.0, "vi": 0.0}
+
+    def entropy(counts, extra_singletons=0.0):
+        p = counts[counts > 0] / total
+        return float(-(p * np.log2(p)).sum() + extra_singletons / total * np.log2(total))
+
+    lone = singletons.sum()
+    joint = entropy(segments.ravel(), lone)
+    pred = entropy(segments.sum(axis=1), lone)
+    true = entropy(segments.sum(axis=0) + singletons)
+    return {"split": joint - true, "merge": joint - pred, "vi": 2 * joint - pred - true}
+
+
+def merges_and_splits(pred_labels, true_labels, majority: float = 0.5) -> dict[str, int]:
+    """Object-level merge and split errors of touching instances.
+
+    A predicted object *merges* the true objects of which it holds more than ``majority`` of
+    the pixels; ``merges`` is the sum over predicted objects of (number merged - 1). A true
+    object is *split* among the predicted objects that have more than ``majority`` of their
+    own pixels inside it; ``splits`` is the sum over true objects of (number of pieces - 1).
+    Returns ``{"merges", "splits"}``.
+    """
+    if not 0.5 <= majority < 1:
+        raise ValueError(f"majority must be in [0.5, 1), got {majority}")
+    table = contingency(pred_labels, true_labels)[1:, 1:].astype(np.float64)
+    pred_sizes = contingency(pred_labels, pred_labels).diagonal()[1:].astype(np.float64)
+    true_sizes = contingency(true_labels, true_labels).diagonal()[1:].astype(np.float64)
+    held = table > majority * true_sizes[None, :]  # pred i holds most of true j
+    inside = table > majority * pred_sizes[:, None]  # pred i lies mostly inside true j
+    merged = held.sum(axis=1)
+    pieces = inside.sum(axis=0)
+    return {"merges": int(np.maximum(merged - 1, 0).sum()),
+            "splits": int(np.maximum(pieces - 1, 0).sum())}
 
 
 def rand_error(pred_labels, true_labels) -> float:

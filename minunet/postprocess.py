@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
+from skimage.segmentation import watershed
 
 
 def foreground_probability(prob) -> np.ndarray:
@@ -214,3 +215,23 @@ def count_cells(prob_or_image, net=None, *, threshold: float = 0.5, min_size: in
     labels = label_instances(prob, threshold=threshold, min_size=min_size, h=h,
                              smoothing=smoothing)
     return CellCount(int(labels.max(initial=0)), labels, foreground_probability(prob))
+
+
+def label_boundary_classes(prob, *, min_size: int = 10) -> np.ndarray:
+    """Instance labels (int32 (H, W)) from the probabilities of a three-class network
+    (0 background, 1 cell interior, 2 cell boundary; see
+    :func:`minunet.data.boundary_classes`).
+
+    Each connected interior region of at least ``min_size`` pixels seeds one cell; the cells
+    then grow over the pixels classified as boundary, by a watershed on the interior
+    probability (scikit-image's), so that the boundary band between two touching cells is
+    shared out between them.
+    """
+    prob = np.asarray(prob)
+    if prob.ndim != 3 or prob.shape[0] != 3:
+        raise ValueError(f"prob must be three-class probabilities (3, H, W), got {prob.shape}")
+    classes = prob.argmax(axis=0)
+    seeds = _drop_small(classes == 1, min_size)
+    markers, _ = ndimage.label(seeds)
+    labels = watershed(-prob[1], markers, mask=classes > 0)
+    return relabel_sequential(labels)

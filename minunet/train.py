@@ -43,7 +43,7 @@ from minunet.data.tiles import TileSampler
 from minunet.data.weights import carve_separation_borders, class_weight_map, weight_map
 from minunet.inference import predict
 from minunet.losses import softmax_cross_entropy
-from minunet.metrics import count_objects, dice, iou, object_scores, pixel_error
+from minunet.metrics import class_scores, count_objects, dice, iou, object_scores, pixel_error
 from minunet.optim import SGD, Adam
 from minunet.postprocess import label_instances
 
@@ -53,6 +53,7 @@ LR_SCHEDULES = ("constant", "cosine")
 # Validation metrics that keep_best can select on, and their direction.
 HIGHER_IS_BETTER = {"iou": True, "dice": True, "f1": True, "pixel_error": False,
                     "count_error": False}
+MULTICLASS_METRICS = ("iou", "pixel_error")
 
 
 def learning_rate(schedule: str, lr: float, min_lr: float, step: int, steps: int) -> float:
@@ -105,12 +106,20 @@ def as_dataset(data, name: str) -> Dataset:
                     f"got {type(data).__name__}")
 
 
-def training_targets(labels, *, weight_maps: bool = True, w0: float = 10.0, sigma: float = 5.0,
-                     class_weights="balanced", border_width: int = 1):
-    """``(target, weights)`` for one instance label image: the class map (int64 (H, W),
-    1 = cell, 0 = background and separation lines) and the loss weights (float32 (H, W):
-    the paper's Eq. 2 map, or only the class weights when ``weight_maps`` is False)."""
+def training_targets(labels, *, num_classes: int = 2, weight_maps: bool = True,
+                     w0: float = 10.0, sigma: float = 5.0, class_weights="balanced",
+                     border_width: int = 1):
+    """``(target, weights)`` for one label image.
+
+    Two classes: ``labels`` are instance labels; the target (int64 (H, W)) is 1 = cell,
+    0 = background and separation lines, and the weights (float32 (H, W)) the paper's Eq. 2
+    map, or only the class weights when ``weight_maps`` is False. More classes: ``labels``
+    already are class indices (e.g. :func:`minunet.data.boundary_classes`); the weights are
+    the class weights (Eq. 2 is defined for cell/background only).
+    """
     labels = np.asarray(labels)
+    if num_classes > 2:
+        return labels.astype(np.int64), class_weight_map(labels, class_weights, num_classes)
     carved = carve_separation_borders(labels, border_width) if border_width else labels
     weights = (weight_map(carved, w0=w0, sigma=sigma, class_weights=class_weights)
                if weight_maps else class_weight_map(carved, class_weights))
@@ -118,16 +127,24 @@ def training_targets(labels, *, weight_maps: bool = True, w0: float = 10.0, sigm
 
 
 def evaluate(net, data, *, tile_size: int | None = None, threshold: float = 0.5) -> dict:
-    """Mean validation metrics of ``net`` over ``data`` (a Dataset or (images, labels)):
-    foreground IoU, Dice and pixel error against ``labels > 0``, object F1 at IoU 0.5 and
-    relative count error of the cells found by :func:`minunet.postprocess.label_instances`.
+    """Mean validation metrics of ``net`` over ``data`` (a Dataset or (images, labels)).
+
+    Two classes: foreground IoU, Dice and pixel error against ``labels > 0``, object F1 at
+    IoU 0.5 and relative count error of the cells found by
+    :func:`minunet.postprocess.label_instances`. More classes (``labels`` are class
+    indices): ``pixel_error`` (fraction of pixels given the wrong class), ``iou_<c>`` for
+    every class ``c >= 1`` and ``iou``, their mean.
     """
     data = as_dataset(data, "val_data")
+    num_classes = net.config["num_classes"]
     rows = []
     for image, labels in zip(data.images, data.labels, strict=True):
         prob = predict(net, image, tile_size=tile_size)
-        found = label_instances(prob, threshold=threshold)
         truth = np.asarray(labels)
+        if num_classes > 2:
+            rows.append(class_scores(prob.argmax(axis=0), truth, num_classes))
+            continue
+        found = label_instances(prob, threshold=threshold)
         true_count = count_objects(truth)
         rows.append({
             "iou": iou(found, truth), "dice": dice(found, truth),
@@ -217,7 +234,7 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
         steps_per_epoch: int | None = None, batch_size: int = 4, tile_size: int = 128,
         optimizer: str = "adam", lr: float | None = None, momentum: float = 0.99,
         weight_decay: float = 0.0, augment: bool = True, elastic_std: float = 10.0,
-        weight_maps: bool = True, w0: float = 10.0, sigma: float = 5.0,
+        weight_maps: bool | None = None, w0: float = 10.0, sigma: float = 5.0,
         class_weights="balanced", border_width: int = 1, seed: int = 0,
         checkpoint_path=None, resume: bool = False, progress: bool = True,
         val_tile_size: int | None = None, max_seconds: float | None = None,
@@ -227,9 +244,12 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
 
     Parameters
     ----------
-    net : minunet.UNet with ``num_classes=2`` (background, cell).
+    net : minunet.UNet
+        ``num_classes=2``: cell/background, trained from instance labels; more classes:
+        trained from class-index masks.
     train_data, val_data : Dataset or (images, labels)
-        Images (H, W) or (C, H, W) in [0, 1]; labels are instance labels (0 = background).
+        Images (H, W) or (C, H, W) in [0, 1]; labels are instance labels (0 = background)
+        for two classes, class indices ``0 .. num_classes - 1`` for more.
     steps, epochs, steps_per_epoch : int
         Length of training: ``steps`` in total, or ``epochs * steps_per_epoch``. Default
         ``steps_per_epoch``: enough tiles to cover the training pixels once. Default length:
@@ -243,7 +263,8 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
     augment, elastic_std : random rotations/flips, elastic deformation (std in px), gray
         values.
     weight_maps, w0, sigma, class_weights : the Eq. 2 loss weights (or, with
-        ``weight_maps=False``, only ``class_weights``).
+        ``weight_maps=False``, only ``class_weights``). Default: Eq. 2 for two classes;
+        with more classes only class weights exist (``weight_maps=True`` is refused).
     border_width : width of the separation lines cut between touching cells (0: none).
     seed : seed of the generator driving tiles and augmentation.
     checkpoint_path, resume : write a checkpoint after every epoch (atomically); with
@@ -262,9 +283,12 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
 
     Raises ``FloatingPointError`` naming the step if the loss becomes NaN or infinite.
     """
-    if net.config["num_classes"] != 2:
-        raise ValueError(f"fit trains cell/background networks: num_classes must be 2, got "
-                         f"{net.config['num_classes']}")
+    num_classes = net.config["num_classes"]
+    if weight_maps is None:
+        weight_maps = num_classes == 2
+    elif weight_maps and num_classes > 2:
+        raise ValueError(f"weight_maps (the paper's Eq. 2) needs a cell/background network; "
+                         f"this one has num_classes={num_classes}: pass weight_maps=False")
     for value, name in ((batch_size, "batch_size"), (tile_size, "tile_size")):
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -273,16 +297,22 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
     if keep_best is not None:
-        if keep_best not in HIGHER_IS_BETTER:
+        if keep_best not in HIGHER_IS_BETTER or (num_classes > 2
+                                                 and keep_best not in MULTICLASS_METRICS):
             raise ValueError(f"keep_best must be one of {sorted(HIGHER_IS_BETTER)}, got "
                              f"{keep_best!r}")
         if val_data is None:
             raise ValueError("keep_best needs val_data to choose the best epoch on")
     train = as_dataset(train_data, "train_data")
     val = None if val_data is None else as_dataset(val_data, "val_data")
+    for index, labels in enumerate(train.labels + (val.labels if val else [])):
+        if num_classes > 2 and (np.min(labels) < 0 or np.max(labels) >= num_classes):
+            raise ValueError(f"label image {index} holds values outside 0..{num_classes - 1}; "
+                             f"a {num_classes}-class network trains on class-index masks")
     targets, weights = zip(*(training_targets(
-        labels, weight_maps=weight_maps, w0=w0, sigma=sigma, class_weights=class_weights,
-        border_width=border_width) for labels in train.labels), strict=True)
+        labels, num_classes=num_classes, weight_maps=weight_maps, w0=w0, sigma=sigma,
+        class_weights=class_weights, border_width=border_width) for labels in train.labels),
+        strict=True)
     sampler = TileSampler.for_unet(train.images, targets, weights, output_size=tile_size,
                                    depth=net.config["depth"], padding=net.config["padding"],
                                    augment_tiles=augment, elastic_std=elastic_std)

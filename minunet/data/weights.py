@@ -38,35 +38,61 @@ def _check_labels(labels, name="labels") -> np.ndarray:
     return labels
 
 
-def class_weight_map(labels, class_weights="balanced") -> np.ndarray:
-    """Per-pixel class weights ``w_c(x)``, float32 (H, W); foreground means ``labels > 0``.
+def class_weight_map(labels, class_weights="balanced", num_classes: int = 2) -> np.ndarray:
+    """Per-pixel class weights ``w_c(x)``, float32 (H, W).
 
-    ``class_weights`` is ``(background, foreground)`` or ``"balanced"``. Balanced weights are
-    inversely proportional to the class frequencies, ``w_c = N / (K * N_c)`` with ``N`` pixels,
-    ``N_c`` of them in class ``c`` and ``K`` classes present, so that every class carries the
-    same total weight and the weights average to exactly 1 over the image. A class absent from
-    the image gets weight 1 (it has no pixels to weigh).
+    With ``num_classes=2``, ``labels`` are instance labels and the classes are background
+    (``labels == 0``) and cell (``labels > 0``); with more classes, ``labels`` are class
+    indices ``0 .. num_classes - 1``. ``class_weights`` is one non-negative number per class
+    or ``"balanced"``: inversely proportional to the class frequencies,
+    ``w_c = N / (K * N_c)`` with ``N`` pixels, ``N_c`` of them in class ``c`` and ``K``
+    classes present, so that every class carries the same total weight and the weights
+    average to exactly 1 over the image. A class absent from the image gets weight 1 (it has
+    no pixels to weigh).
     """
     labels = _check_labels(labels)
-    foreground = labels > 0
+    if not isinstance(num_classes, numbers.Integral) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    classes = (labels > 0).astype(np.intp) if num_classes == 2 else labels.astype(np.intp)
+    if classes.size and classes.max() >= num_classes:
+        raise ValueError(f"labels hold class {classes.max()}, but num_classes is {num_classes}")
     if isinstance(class_weights, str):
         if class_weights != "balanced":
-            raise ValueError(
-                "class_weights must be 'balanced' or (background, foreground), "
-                f"got {class_weights!r}"
-            )
-        counts = np.array([(~foreground).sum(), foreground.sum()], dtype=np.float64)
+            raise ValueError(f"class_weights must be 'balanced' or {num_classes} numbers, got "
+                             f"{class_weights!r}")
+        counts = np.bincount(classes.ravel(), minlength=num_classes).astype(np.float64)
         present = counts > 0
-        weights = np.ones(2)
-        weights[present] = foreground.size / (present.sum() * counts[present])
+        weights = np.ones(num_classes)
+        weights[present] = classes.size / (present.sum() * counts[present])
     else:
         weights = np.asarray(class_weights, dtype=np.float64)
-        if weights.shape != (2,) or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        if (weights.shape != (num_classes,) or not np.all(np.isfinite(weights))
+                or np.any(weights < 0)):
             raise ValueError(
-                "class_weights must be 'balanced' or two non-negative numbers "
-                f"(background, foreground), got {class_weights!r}"
+                f"class_weights must be 'balanced' or {num_classes} non-negative numbers "
+                f"(one per class, background first), got {class_weights!r}"
             )
-    return np.where(foreground, weights[1], weights[0]).astype(np.float32)
+    return weights[classes].astype(np.float32)
+
+
+def boundary_classes(labels, width: int = 2) -> np.ndarray:
+    """The three-class target of nucleus segmentation (int64 (H, W)): 0 background,
+    1 cell interior, 2 cell boundary, the pixels of a cell within ``width`` px (chessboard
+    distance) of a pixel that is not that cell.
+
+    Two touching cells are then separated by a band of boundary class that the network can
+    learn like any other class, with no weight map; the interiors, grown back over their
+    boundary band, are the instances.
+    """
+    labels = _check_labels(labels)
+    if not isinstance(width, numbers.Integral) or width < 1:
+        raise ValueError(f"width must be a positive int, got {width!r}")
+    size = 2 * width + 1
+    same_around = ((ndimage.maximum_filter(labels, size=size, mode="nearest") == labels)
+                   & (ndimage.minimum_filter(labels, size=size, mode="nearest") == labels))
+    classes = np.where(labels > 0, 2, 0)
+    classes[(labels > 0) & same_around] = 1
+    return classes.astype(np.int64)
 
 
 def two_nearest_cell_distances(labels, max_distance=np.inf) -> tuple[np.ndarray, np.ndarray]:
