@@ -45,7 +45,8 @@ from minunet.data.weights import (
 
 __all__ = [
     "DIHEDRAL", "Dataset", "TileSampler", "apply_dihedral", "as_image", "as_labels", "augment",
-    "boundary_classes", "carve_separation_borders", "class_weight_map", "crop_margin", "dsb2018_nuclei_paths",
+    "boundary_classes", "carve_separation_borders", "class_weight_map", "crop_margin",
+    "dsb2018_nuclei_paths",
     "elastic_deform", "elastic_displacement", "extract_tile", "gray_value_jitter",
     "instances_from_mask", "invert_dihedral", "load_dsb2018_nuclei", "load_folder",
     "load_isbi2012", "mirror_pad", "normalize_intensity", "pair_image_masks",
