@@ -24,10 +24,13 @@ _LAZY = {
     "load": "minunet.serialization",
     "predict": "minunet.inference",
     "count_cells": "minunet.postprocess",
+    "pretrained": "minunet.zoo",
+    "list_pretrained": "minunet.zoo",
+    "model_card": "minunet.zoo",
 }
 _SUBMODULES = {
     "backend", "shapes", "functional", "nn", "unet", "losses", "optim", "serialization",
-    "data", "metrics", "inference", "postprocess", "train", "cuda", "torch_reference", "cli",
+    "data", "metrics", "inference", "postprocess", "train", "cuda", "torch_reference", "cli", "zoo",
 }
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)

@@ -29,10 +29,20 @@ _CONFIG_KEY = "__config__"
 _FORMAT_KEY = "__format__"
 
 
-def save(net, path) -> None:
-    """Write ``net`` (a :class:`minunet.UNet`, on any device) to ``path`` atomically."""
+def save(net, path, *, storage_dtype: str | None = None) -> None:
+    """Write ``net`` (a :class:`minunet.UNet`, on any device) to ``path`` atomically.
+
+    ``storage_dtype="float16"`` stores the floating-point weights and buffers at half
+    precision (half the file size; :func:`load` casts them back to the network's dtype).
+    """
     path = os.fspath(path)
     arrays = {name: to_numpy(value) for name, value in net.state_dict().items()}
+    if storage_dtype is not None:
+        if storage_dtype not in ("float16", "float32", "float64"):
+            raise ValueError(f"storage_dtype must be 'float16', 'float32' or 'float64', got "
+                             f"{storage_dtype!r}")
+        arrays = {name: value.astype(storage_dtype) if value.dtype.kind == "f" else value
+                  for name, value in arrays.items()}
     arrays[_CONFIG_KEY] = np.array(json.dumps(net.config))
     arrays[_FORMAT_KEY] = np.array(FORMAT_VERSION)
     directory = os.path.dirname(os.path.abspath(path))

@@ -1,0 +1,134 @@
+"""Ship a network trained by ``train_pretrained.py`` as a pretrained model of the package.
+
+    python benchmarks/ship_pretrained.py isbi2012 [--data PATH]
+    python benchmarks/ship_pretrained.py dsb2018
+
+1. Store the float32 network of ``runs/pretrained/<name>.npz`` at half precision in
+   ``minunet/models/<name>.npz``, after checking that half precision changes its
+   predictions by less than ``--tolerance`` (largest probability difference, on the first
+   training image: the test split is left alone here).
+2. Score the shipped file on the test split with ``bench_segmentation.py --model <name>``
+   (which writes ``benchmarks/results/segmentation_<dataset>_pretrained.json``).
+3. Write the model card, ``minunet/models/<name>.json`` and ``<name>.md``: data and split,
+   the exact training command, seed, training time, commit, the recipe, the validation
+   history and the test scores next to the paper's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import minunet
+from minunet.data import load_dsb2018_nuclei, load_isbi2012
+from minunet.zoo import MODELS
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs" / "pretrained"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_segmentation  # noqa: E402  (a sibling script, not a package)
+
+TASKS = {
+    "isbi2012": {
+        "task": "EM membrane segmentation (ISBI 2012, Drosophila ventral nerve cord, ssTEM)",
+        "classes": {"0": "membrane (background)", "1": "cell interior (label 255)"},
+        "input": "one gray-level channel, float in [0, 1] (8-bit images divided by 255)",
+    },
+    "dsb2018": {
+        "task": "nucleus segmentation in fluorescence microscopy (DSB 2018, stardist's image)",
+        "classes": {"0": "background", "1": "nucleus"},
+        "input": "one gray-level channel, float in [0, 1] (percentile-normalised)",
+    },
+}
+
+
+def atomic_text(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(handle, "w") as stream:
+        stream.write(text)
+    os.replace(temporary, path)
+
+
+def half_precision_check(net, name: str, data_path: str) -> tuple[float, float]:
+    """Largest probability change and fraction of pixels whose class changes when the
+    weights are stored at half precision, on the first training image."""
+    image = (load_isbi2012(data_path) if name == "isbi2012" else load_dsb2018_nuclei()).images[0]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "half.npz"
+        minunet.save(net, path, storage_dtype="float16")
+        half = minunet.load(path)
+    full_prob, half_prob = minunet.predict(net, image), minunet.predict(half, image)
+    changed = np.mean(full_prob.argmax(0) != half_prob.argmax(0))
+    return float(np.abs(full_prob - half_prob).max()), float(changed)
+
+
+def markdown_card(card: dict) -> str:
+    training, scores = card["training"], card["scores"]
+    lines = [f"# Model card: `{card['name']}`", "", card["task"], "",
+             "| | |", "|---|---|",
+             f"| classes | {'; '.join(f'{k}: {v}' for k, v in card['classes'].items())} |",
+             f"| input | {card['input']} |",
+             f"| network | {json.dumps(card['network'])} |",
+             f"| parameters | {card['parameters']:,} (stored as float16, "
+             f"{card['file_bytes'] / 2**20:.1f} MiB) |",
+             f"| data and split | {training['split']} |",
+             f"| command | `{training['command']}` |",
+             f"| seed | {training['seed']} |",
+             f"| training time | {training['train_seconds'] / 60:.1f} min on "
+             f"{training['threads']} CPU thread(s), {training['steps_done']} steps |",
+             f"| commit | {training['commit']} |",
+             f"| recipe | {json.dumps(training['fit'])} |",
+             f"| chosen epoch | {training['best_epoch']} |",
+             f"| float16 storage | largest probability change {card['float16_check'][0]:.2e}, "
+             f"pixels changing class {card['float16_check'][1]:.2e} |", "",
+             "## Test scores", "", "```json", json.dumps(scores, indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", choices=sorted(TASKS))
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "isbi2012"))
+    parser.add_argument("--tolerance", type=float, default=0.02,
+                        help="largest probability change allowed by float16 storage")
+    args = parser.parse_args(argv)
+    source, log_path = RUNS / f"{args.name}.npz", RUNS / f"{args.name}.json"
+    if not (source.is_file() and log_path.is_file()):
+        parser.error(f"train it first: python benchmarks/train_pretrained.py {args.name}")
+    if not os.access(MODELS, os.W_OK):
+        parser.error(f"{MODELS} is not writable")
+    net, training = minunet.load(source), json.loads(log_path.read_text())
+    largest, changed = half_precision_check(net, args.name, args.data)
+    print(f"float16 storage: largest probability change {largest:.2e}, "
+          f"pixels changing class {changed:.2e}")
+    if largest > args.tolerance:
+        parser.error(f"float16 storage changes probabilities by {largest:.3f} > "
+                     f"--tolerance {args.tolerance}")
+    target = MODELS / f"{args.name}.npz"
+    minunet.save(net, target, storage_dtype="float16")
+    card = {"name": args.name, **TASKS[args.name], "network": net.config,
+            "parameters": int(sum(p.data.size for p in net.parameters())),
+            "file_bytes": target.stat().st_size, "float16_check": [largest, changed],
+            "training": {k: v for k, v in training.items() if k != "name"}, "scores": None}
+    atomic_text(MODELS / f"{args.name}.json", json.dumps(card, indent=2) + "\n")
+    extra = ["--data", args.data] if args.name == "isbi2012" else []
+    bench_segmentation.main([args.name, "--model", args.name, *extra])
+    results = json.loads((bench_segmentation.RESULTS
+                          / f"segmentation_{args.name}_pretrained.json").read_text())
+    card["scores"] = {key: results[key] for key in ("test", "test_tta") if key in results}
+    if args.name == "isbi2012":
+        card["scores"]["paper_table1_hidden_test_set"] = bench_segmentation.PAPER_ISBI
+    atomic_text(MODELS / f"{args.name}.json", json.dumps(card, indent=2) + "\n")
+    atomic_text(MODELS / f"{args.name}.md", markdown_card(card))
+    print(f"shipped {target} ({card['file_bytes'] / 2**20:.1f} MiB) with its model card")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
