@@ -139,7 +139,11 @@ def load_model(path, device: str):
     import minunet
 
     if not Path(path).is_file():
-        raise UserError(f"no model file {path} (train one with: python -m minunet train)")
+        if path in minunet.list_pretrained():
+            return to_device(minunet.pretrained(path), device)
+        raise UserError(f"--model: no model file {path} and no pretrained model of that name "
+                        f"(pretrained: {', '.join(minunet.list_pretrained()) or 'none'}; or "
+                        f"train one with: python -m minunet train)")
     net = minunet.load(path)
     return to_device(net, device)
 
@@ -343,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     inference = argparse.ArgumentParser(add_help=False)
     inference.add_argument("--model", default=DEFAULT_MODEL,
-                           help=f"trained network (.npz written by train; default {DEFAULT_MODEL})")
+                           help=f"trained network: a .npz written by train, or the name of a "
+                                f"pretrained model (isbi2012, dsb2018); default {DEFAULT_MODEL}")
     inference.add_argument("--tile-size", type=_positive, default=None,
                            help="edge of the output tile per forward pass (default: whole "
                                 "image at once)")
