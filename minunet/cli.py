@@ -237,7 +237,7 @@ def command_train(args) -> int:
                   optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
                   augment=not args.no_augment, weight_maps=not args.no_weight_maps,
                   seed=args.seed, checkpoint_path=args.checkpoint, resume=args.resume,
-                  progress=not args.quiet)
+                  progress=not args.quiet, keep_best="iou")
     seconds = time.perf_counter() - start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     minunet.save(net, args.out)
@@ -252,6 +252,9 @@ def command_train(args) -> int:
                                  ("val_dice", "val Dice", ".3f"), ("val_f1", "val F1", ".3f"),
                                  ("val_count_error", "count err", ".1%"),
                                  ("seconds", "seconds", ".1f")])
+    best = history.epochs[history.best_epoch - 1]
+    print(f"kept the weights of epoch {history.best_epoch} of {len(history.epochs)}, the best "
+          f"on validation (IoU {best['val_iou']:.3f})")
     print(f"model: {args.out}  history: {history_path}  overlay: {overlay}  "
           f"({seconds:.0f} s)")
     return 0

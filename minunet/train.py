@@ -183,12 +183,13 @@ def _write_npz_atomically(path, arrays: dict) -> None:
 
 
 def save_checkpoint(path, net, optimizer, history: History, rng: np.random.Generator,
-                    step: int, settings: dict) -> None:
+                    step: int, settings: dict, best_state: dict | None = None) -> None:
     """Write everything needed to resume training to one ``.npz`` file, atomically:
-    the network's state (``net/<name>``), the optimizer's (``optimizer/<name>``), and a JSON
-    entry with the network config, the step, the history, the random generator's state and
-    the training settings."""
+    the network's state (``net/<name>``), the optimizer's (``optimizer/<name>``), the best
+    epoch's weights if kept (``best/<name>``), and a JSON entry with the network config,
+    the step, the history, the random generator's state and the training settings."""
     arrays = {f"net/{k}": to_numpy(v) for k, v in net.state_dict().items()}
+    arrays.update({f"best/{k}": v for k, v in (best_state or {}).items()})
     for key, value in optimizer.state_dict().items():
         arrays[f"optimizer/{key}"] = np.asarray(to_numpy(value) if hasattr(value, "shape")
                                                 else value)
@@ -213,6 +214,8 @@ def load_checkpoint(path) -> tuple[dict, dict, dict]:
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
     net_state = {k[4:]: v for k, v in arrays.items() if k.startswith("net/")}
+    best_state = {k[5:]: v for k, v in arrays.items() if k.startswith("best/")}
+    meta["best_state"] = best_state or None
     optimizer_state = {}
     for key, value in arrays.items():
         if key.startswith("optimizer/"):
@@ -222,12 +225,109 @@ def load_checkpoint(path) -> tuple[dict, dict, dict]:
 
 # --- the training loop ----------------------------------------------------------------------
 
+# Settings a resumed run must share with the run that wrote the checkpoint; only ``steps``
+# may change (to train longer).
+RESUME_SETTINGS = ("batch_size", "tile_size", "optimizer", "lr", "momentum", "weight_decay",
+                   "augment", "elastic_std", "weight_maps", "w0", "sigma", "class_weights",
+                   "border_width", "seed", "steps_per_epoch", "lr_schedule", "min_lr",
+                   "keep_best")
+
 
 def _architecture(config: dict) -> dict:
     """A network config without its initialisation seed, which no longer matters once
     weights are loaded."""
     return {key: value for key, value in config.items() if key != "seed"}
 
+
+class BestWeights:
+    """The weights of the epoch that scored best on one validation metric so far."""
+
+    def __init__(self, metric: str | None):
+        self.metric, self.score, self.state = metric, None, None
+
+    def offer(self, metrics: dict, net) -> bool:
+        """Keep ``net``'s weights if ``metrics[self.metric]`` beats the best so far."""
+        if self.metric is None or not _improves(metrics[self.metric], self.metric, self.score):
+            return False
+        self.score, self.state = metrics[self.metric], _copy_state(net)
+        return True
+
+
+def _check_arguments(net, *, batch_size, tile_size, resume, checkpoint_path, lr_schedule,
+                     keep_best, has_validation) -> None:
+    num_classes = net.config["num_classes"]
+    for value, name in ((batch_size, "batch_size"), (tile_size, "tile_size")):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if resume and checkpoint_path is None:
+        raise ValueError("resume=True needs a checkpoint_path")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+    if keep_best is not None:
+        allowed = sorted(HIGHER_IS_BETTER) if num_classes == 2 else list(MULTICLASS_METRICS)
+        if keep_best not in allowed:
+            raise ValueError(f"keep_best must be one of {allowed}, got {keep_best!r}")
+        if not has_validation:
+            raise ValueError("keep_best needs val_data to choose the best epoch on")
+    if checkpoint_path is not None:  # checked now, not after an hour of training
+        folder = os.path.dirname(os.path.abspath(checkpoint_path))
+        while not os.path.exists(folder):  # missing folders are created when saving
+            folder = os.path.dirname(folder)
+        if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            raise PermissionError(f"checkpoint_path {checkpoint_path}: cannot write there "
+                                  f"({folder} is not a writable folder)")
+
+
+def _check_class_masks(datasets, num_classes: int) -> None:
+    if num_classes == 2:
+        return
+    for dataset in datasets:
+        for name, labels in zip(dataset.names, dataset.labels, strict=True):
+            if np.min(labels) < 0 or np.max(labels) >= num_classes:
+                raise ValueError(f"label image {name} holds values outside "
+                                 f"0..{num_classes - 1}; a {num_classes}-class network "
+                                 f"trains on class-index masks")
+
+
+def training_step(net, optimizer, x, target, weight, step: int) -> float:
+    """One step of gradient descent on a batch: forward, the weighted softmax
+    cross-entropy, backward, update. Returns the loss; ``FloatingPointError`` if it is not
+    finite."""
+    net.zero_grad()
+    logits = net.forward(x)
+    loss, grad = softmax_cross_entropy(logits, target, weight)
+    loss = float(loss)
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"the training loss became {loss} at step {step}; lower the learning rate "
+            f"(lr={optimizer.lr}) or check the inputs for NaN/inf")
+    net.backward(grad)
+    optimizer.step()
+    return loss
+
+
+def _resume(checkpoint_path, net, optimizer, rng, settings: dict, best: BestWeights):
+    """Load the checkpoint into ``net``, ``optimizer``, ``rng`` and ``best``; returns
+    ``(history, step)``. Refuses a checkpoint of another network or other settings."""
+    meta, net_state, optimizer_state = load_checkpoint(checkpoint_path)
+    if _architecture(meta["config"]) != _architecture(net.config):
+        raise ValueError(f"checkpoint {checkpoint_path} was written for a network with "
+                         f"config {meta['config']}, not {net.config}")
+    saved = json.loads(json.dumps(meta["settings"]))
+    wanted = json.loads(json.dumps(settings))
+    different = [f"{key}={saved.get(key)!r} (now {wanted[key]!r})" for key in RESUME_SETTINGS
+                 if saved.get(key) != wanted[key]]
+    if different:
+        raise ValueError(f"checkpoint {checkpoint_path} was written with other training "
+                         f"settings: {', '.join(different)}; resume with the same settings")
+    net.load_state_dict(net_state)
+    optimizer.load_state_dict(optimizer_state)
+    rng.bit_generator.state = meta["rng"]
+    history = History(**meta["history"])
+    if history.best_epoch is not None and best.metric is not None:
+        best.score = history.epochs[history.best_epoch - 1][f"val_{best.metric}"]
+        best.state = meta.get("best_state")
+    return history, int(meta["step"])
 
 
 def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int | None = None,
@@ -241,6 +341,11 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
         lr_schedule: str = "constant", min_lr: float = 0.0,
         keep_best: str | None = None) -> History:
     """Train ``net`` (in place) and return its :class:`History`.
+
+    The paper's recipe, step by step: random tiles of the training images (mirror-padded,
+    augmented) are drawn; each step is :func:`training_step` on a batch of them; every
+    ``steps_per_epoch`` steps the network is scored on the validation images (the best
+    epoch's weights kept if asked) and a checkpoint is written.
 
     Parameters
     ----------
@@ -260,6 +365,9 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
     optimizer, lr, momentum, weight_decay
         ``"adam"`` (default lr 1e-3) or ``"sgd"`` (the paper's; default lr 0.01, momentum
         0.99).
+    lr_schedule, min_lr : ``"constant"``, or ``"cosine"``: the learning rate falls from
+        ``lr`` to ``min_lr`` along half a cosine over the ``steps`` (large steps while the
+        network is far from a minimum, small ones to settle into it at the end).
     augment, elastic_std : random rotations/flips, elastic deformation (std in px), gray
         values.
     weight_maps, w0, sigma, class_weights : the Eq. 2 loss weights (or, with
@@ -267,19 +375,18 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
         with more classes only class weights exist (``weight_maps=True`` is refused).
     border_width : width of the separation lines cut between touching cells (0: none).
     seed : seed of the generator driving tiles and augmentation.
-    checkpoint_path, resume : write a checkpoint after every epoch (atomically); with
-        ``resume``, continue from it if it exists (the network config must match).
+    keep_best : name of a validation metric (``"iou"``, ``"dice"``, ``"f1"``: higher is
+        better; ``"pixel_error"``, ``"count_error"``: lower is better; with more than two
+        classes ``"iou"`` or ``"pixel_error"``). After training, the network holds the
+        weights of the epoch that scored best on it, not the last ones;
+        ``History.best_epoch`` says which. Needs ``val_data``.
+    checkpoint_path, resume : write a checkpoint after every epoch (atomically; the folder
+        is checked for writing before training starts); with ``resume``, continue from it
+        if it exists (network and settings must match; only ``steps`` may grow).
     progress : tqdm progress bar over the steps.
     val_tile_size : ``tile_size`` of :func:`minunet.predict` during validation.
     max_seconds : stop early, after the step during which this much wall time has passed
         (validation and checkpoint then happen as at the end of an epoch).
-    lr_schedule, min_lr : ``"constant"``, or ``"cosine"``: the learning rate falls from
-        ``lr`` to ``min_lr`` along half a cosine over the ``steps`` (large steps while the
-        network is far from a minimum, small ones to settle into it at the end).
-    keep_best : name of a validation metric (``"iou"``, ``"dice"``, ``"f1"``: higher is
-        better; ``"pixel_error"``, ``"count_error"``: lower is better). After training, the
-        network holds the weights of the epoch that scored best on it, not the last ones;
-        ``History.best_epoch`` says which. Needs ``val_data``.
 
     Raises ``FloatingPointError`` naming the step if the loss becomes NaN or infinite.
     """
@@ -289,26 +396,14 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
     elif weight_maps and num_classes > 2:
         raise ValueError(f"weight_maps (the paper's Eq. 2) needs a cell/background network; "
                          f"this one has num_classes={num_classes}: pass weight_maps=False")
-    for value, name in ((batch_size, "batch_size"), (tile_size, "tile_size")):
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if resume and checkpoint_path is None:
-        raise ValueError("resume=True needs a checkpoint_path")
-    if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
-    if keep_best is not None:
-        if keep_best not in HIGHER_IS_BETTER or (num_classes > 2
-                                                 and keep_best not in MULTICLASS_METRICS):
-            raise ValueError(f"keep_best must be one of {sorted(HIGHER_IS_BETTER)}, got "
-                             f"{keep_best!r}")
-        if val_data is None:
-            raise ValueError("keep_best needs val_data to choose the best epoch on")
+    _check_arguments(net, batch_size=batch_size, tile_size=tile_size, resume=resume,
+                     checkpoint_path=checkpoint_path, lr_schedule=lr_schedule,
+                     keep_best=keep_best, has_validation=val_data is not None)
     train = as_dataset(train_data, "train_data")
     val = None if val_data is None else as_dataset(val_data, "val_data")
-    for index, labels in enumerate(train.labels + (val.labels if val else [])):
-        if num_classes > 2 and (np.min(labels) < 0 or np.max(labels) >= num_classes):
-            raise ValueError(f"label image {index} holds values outside 0..{num_classes - 1}; "
-                             f"a {num_classes}-class network trains on class-index masks")
+    _check_class_masks([train] + ([val] if val else []), num_classes)
+
+    # The tiles: targets and loss weights of every training image, sampled at random.
     targets, weights = zip(*(training_targets(
         labels, num_classes=num_classes, weight_maps=weight_maps, w0=w0, sigma=sigma,
         class_weights=class_weights, border_width=border_width) for labels in train.labels),
@@ -316,91 +411,71 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
     sampler = TileSampler.for_unet(train.images, targets, weights, output_size=tile_size,
                                    depth=net.config["depth"], padding=net.config["padding"],
                                    augment_tiles=augment, elastic_std=elastic_std)
-    input_size, output_size = sampler.input_size, sampler.output_size
     if steps_per_epoch is None:
         pixels = sum(t.size for t in targets)
-        steps_per_epoch = max(1, math.ceil(pixels / (batch_size * output_size**2)))
+        steps_per_epoch = max(1, math.ceil(pixels / (batch_size * sampler.output_size**2)))
     if steps is None:
         steps = (epochs or 1) * steps_per_epoch
     if steps < 1 or steps_per_epoch < 1:
         raise ValueError(f"steps and steps_per_epoch must be positive, got {steps}, "
                          f"{steps_per_epoch}")
-    settings = {"batch_size": batch_size, "tile_size": tile_size, "input_size": input_size,
-                "output_size": output_size, "optimizer": optimizer, "lr": lr,
-                "momentum": momentum, "weight_decay": weight_decay, "augment": augment,
-                "elastic_std": elastic_std, "weight_maps": weight_maps, "w0": w0,
-                "sigma": sigma, "class_weights": class_weights, "border_width": border_width,
-                "seed": seed, "steps": steps, "steps_per_epoch": steps_per_epoch,
-                "lr_schedule": lr_schedule, "min_lr": min_lr, "keep_best": keep_best}
-    opt = make_optimizer(net, optimizer, lr, momentum, weight_decay)
-    settings["lr"] = base_lr = opt.lr
-    rng = np.random.default_rng(seed)
-    history = History()
-    step = 0
-    if resume and os.path.exists(checkpoint_path):
-        meta, net_state, optimizer_state = load_checkpoint(checkpoint_path)
-        if _architecture(meta["config"]) != _architecture(net.config):
-            raise ValueError(f"checkpoint {checkpoint_path} was written for a network with "
-                             f"config {meta['config']}, not {net.config}")
-        net.load_state_dict(net_state)
-        opt.load_state_dict(optimizer_state)
-        rng.bit_generator.state = meta["rng"]
-        history = History(**meta["history"])
-        step = int(meta["step"])
 
-    device = net.device
+    opt = make_optimizer(net, optimizer, lr, momentum, weight_decay)
+    settings = {"batch_size": batch_size, "tile_size": tile_size,
+                "input_size": sampler.input_size, "output_size": sampler.output_size,
+                "optimizer": optimizer, "lr": opt.lr, "momentum": momentum,
+                "weight_decay": weight_decay, "augment": augment, "elastic_std": elastic_std,
+                "weight_maps": weight_maps, "w0": w0, "sigma": sigma,
+                "class_weights": class_weights, "border_width": border_width, "seed": seed,
+                "steps": steps, "steps_per_epoch": steps_per_epoch,
+                "lr_schedule": lr_schedule, "min_lr": min_lr, "keep_best": keep_best}
+    rng = np.random.default_rng(seed)
+    best = BestWeights(keep_best)
+    history, step = History(), 0
+    if resume and os.path.exists(checkpoint_path):
+        history, step = _resume(checkpoint_path, net, opt, rng, settings, best)
+
     net.train()
     bar = tqdm(total=steps, initial=step, desc="training", disable=not progress,
                unit="step", dynamic_ncols=True)
-    best_score, best_state = None, None
     started = epoch_start = time.perf_counter()
     epoch_losses = []
     try:
         while step < steps:
-            opt.lr = learning_rate(lr_schedule, base_lr, min_lr, step, steps)
-            x, target, weight = sampler.sample(batch_size, rng)
-            x, weight = x.astype(net.dtype), weight.astype(net.dtype)
-            if device == "cupy":
-                x, target, weight = (to_device(a, "cupy") for a in (x, target, weight))
-            net.zero_grad()
-            logits = net.forward(x)
-            loss, grad = softmax_cross_entropy(logits, target, weight)
-            loss = float(loss)
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"the training loss became {loss} at step {step + 1}; lower the learning "
-                    f"rate (lr={opt.lr}) or check the inputs for NaN/inf"
-                )
-            net.backward(grad)
-            opt.step()
+            opt.lr = learning_rate(lr_schedule, settings["lr"], min_lr, step, steps)
+            batch = sampler.sample(batch_size, rng)
+            x, target, weight = (to_device(a, net.device) for a in batch)
+            loss = training_step(net, opt, x.astype(net.dtype), target,
+                                 weight.astype(net.dtype), step + 1)
             step += 1
             history.loss.append(loss)
             epoch_losses.append(loss)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             out_of_time = max_seconds is not None and time.perf_counter() - started > max_seconds
-            if step % steps_per_epoch == 0 or step == steps or out_of_time:
-                record = {"epoch": len(history.epochs) + 1, "step": step,
-                          "train_loss": float(np.mean(epoch_losses)),
-                          "seconds": time.perf_counter() - epoch_start}
-                if val is not None:
-                    metrics = evaluate(net, val, tile_size=val_tile_size)
-                    record.update({f"val_{k}": v for k, v in metrics.items()})
-                    if keep_best is not None and _improves(metrics[keep_best], keep_best,
-                                                           best_score):
-                        best_score, best_state = metrics[keep_best], _copy_state(net)
-                        history.best_epoch = record["epoch"]
-                    net.train()
-                    bar.set_postfix(loss=f"{loss:.4f}", val_iou=f"{metrics['iou']:.3f}")
-                history.epochs.append(record)
-                if checkpoint_path is not None:
-                    save_checkpoint(checkpoint_path, net, opt, history, rng, step, settings)
-                epoch_start, epoch_losses = time.perf_counter(), []
+            if step % steps_per_epoch and step < steps and not out_of_time:
+                continue
+            # End of an epoch: record, validate, keep the best, checkpoint.
+            record = {"epoch": len(history.epochs) + 1, "step": step,
+                      "train_loss": float(np.mean(epoch_losses)),
+                      "seconds": time.perf_counter() - epoch_start}
+            if val is not None:
+                metrics = evaluate(net, val, tile_size=val_tile_size)
+                record.update({f"val_{k}": v for k, v in metrics.items()})
+                if best.offer(metrics, net):
+                    history.best_epoch = record["epoch"]
+                net.train()
+                bar.set_postfix(loss=f"{loss:.4f}", val_iou=f"{metrics['iou']:.3f}")
+            history.epochs.append(record)
+            if checkpoint_path is not None:
+                save_checkpoint(checkpoint_path, net, opt, history, rng, step, settings,
+                                best.state)
+            epoch_start, epoch_losses = time.perf_counter(), []
             if out_of_time:
                 break
     finally:
         bar.close()
-    if best_state is not None:
-        net.load_state_dict(best_state)
+    if best.state is not None:
+        net.load_state_dict(best.state)
     net.eval()
     return history

@@ -109,7 +109,7 @@ def test_training_targets_cut_lines_between_touching_cells():
 
 def test_fit_argument_errors(cells):
     train, _ = cells
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(ValueError, match="3-class network trains on class-index masks"):
         fit(UNet(num_classes=3, depth=2, base_channels=2, padding="same"), train, steps=1)
     with pytest.raises(ValueError, match="optimizer"):
         fit(small_net(), train, steps=1, optimizer="rmsprop", **FAST)

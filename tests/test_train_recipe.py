@@ -77,3 +77,31 @@ def test_class_masks_must_fit_the_number_of_classes(cells):
     with pytest.raises(ValueError, match="weight_maps"):
         fit(tiny_net(num_classes=3), (images, classes), steps=1, weight_maps=True,
             progress=False)
+
+
+def test_resume_refuses_other_settings_and_keeps_the_best_epoch(cells, tmp_path):
+    train, val = cells
+    path = tmp_path / "run.npz"
+    settings = dict(steps_per_epoch=1, batch_size=2, tile_size=32, lr=0.05,
+                    keep_best="pixel_error", progress=False, checkpoint_path=path)
+    history = fit(tiny_net(), train, val, steps=3, **settings)
+    with pytest.raises(ValueError, match="optimizer='adam' \\(now 'sgd'\\)"):
+        fit(tiny_net(), train, val, steps=4, resume=True, **{**settings, "optimizer": "sgd"})
+    with pytest.raises(ValueError, match="tile_size=32 \\(now 48\\)"):
+        fit(tiny_net(), train, val, steps=4, resume=True, **{**settings, "tile_size": 48})
+    # the same run, resumed for one more epoch: the best epoch among all four is kept
+    net = tiny_net()
+    resumed = fit(net, train, val, steps=4, resume=True, **settings)
+    assert resumed.epochs[:3] == history.epochs
+    errors = [epoch["val_pixel_error"] for epoch in resumed.epochs]
+    assert resumed.best_epoch == int(np.argmin(errors)) + 1
+    assert evaluate(net, val)["pixel_error"] == pytest.approx(min(errors), abs=1e-12)
+
+
+def test_an_unwritable_checkpoint_path_is_refused_before_training(cells, tmp_path):
+    train, _ = cells
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("")
+    with pytest.raises(PermissionError, match="file.txt is not a writable folder"):
+        fit(tiny_net(), train, steps=1, checkpoint_path=not_a_folder / "run.npz",
+            progress=False)
