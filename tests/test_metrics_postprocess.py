@@ -82,19 +82,19 @@ def test_object_matching_is_one_to_one():
 def test_rand_error_by_hand(two_squares):
     _, true = two_squares
     merged = (true > 0).astype(np.int32)  # both squares in one segment
-    # n = [[4, 4]]: sum n^2 = 32, sum t^2 = 32, sum s^2 = 64 -> V = 64 / 96
+    # n = [[4, 4]], pairs P(n) = n (n - 1): sum P(n_ij) = 24, sum P(t_j) = 24,
+    # sum P(s_i) = 56 -> V = 48 / 80
     scores = rand_scores(merged, true)
-    assert scores["split"] == pytest.approx(1.0) and scores["merge"] == pytest.approx(0.5)
-    assert rand_error(merged, true) == pytest.approx(1 - 2 / 3)
+    assert scores["split"] == pytest.approx(1.0) and scores["merge"] == pytest.approx(24 / 56)
+    assert rand_error(merged, true) == pytest.approx(1 - 48 / 80)
     assert rand_error(true, true) == pytest.approx(0.0)
     # half of a square predicted as background: 2 pixels in a segment, 2 singletons
     half = true.copy()
     half[0, 0:2] = 0
     half[2:4, 4:6] = 0
-    # scored pixels: square 1 only matters for the loss; n = 2 (segment) + 1 + 1 (singletons)
-    # over square 1, and square 2 entirely singletons: sum n^2 = 4 + 2 + 4, sum s^2 = 4 + 2 + 4,
-    # sum t^2 = 16 + 16
-    assert rand_error(half, true) == pytest.approx(1 - 2 * 10 / (10 + 32))
+    # square 1: a 2-pixel segment and 2 singletons; square 2: 4 singletons. Singletons make
+    # no pairs: sum P(n_ij) = 2, sum P(s_i) = 2, sum P(t_j) = 12 + 12
+    assert rand_error(half, true) == pytest.approx(1 - 2 * 2 / (2 + 24))
 
 
 def test_best_rand_error_picks_the_threshold_that_separates():
@@ -110,13 +110,13 @@ def test_best_rand_error_picks_the_threshold_that_separates():
 
 
 def brute_force_rand_error(pred, true):
-    """Rand F-score over ordered pixel pairs (self-pairs included) of true foreground,
-    predicted background pixels being each its own segment."""
+    """Rand F-score over ordered pairs of distinct pixels of true foreground, predicted
+    background pixels being each its own segment."""
     pixels = np.flatnonzero(true.ravel() > 0)
     p = np.where(pred.ravel() > 0, pred.ravel(), -1 - np.arange(pred.size))[pixels]
     t = true.ravel()[pixels]
     same_both = same_pred = same_true = 0
-    for i, j in itertools.product(range(len(pixels)), repeat=2):
+    for i, j in itertools.permutations(range(len(pixels)), 2):
         same_pred += p[i] == p[j]
         same_true += t[i] == t[j]
         same_both += (p[i] == p[j]) and (t[i] == t[j])
