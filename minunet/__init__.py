@@ -31,6 +31,7 @@ _LAZY = {
 _SUBMODULES = {
     "backend", "shapes", "functional", "nn", "unet", "losses", "optim", "serialization",
     "data", "metrics", "inference", "postprocess", "train", "cuda", "torch_reference", "cli", "zoo",
+    "results", "book",
 }
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
