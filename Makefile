@@ -15,13 +15,15 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-book: $(STAMP) notebooks
+book: $(STAMP)
 	# The chapters run in this virtual environment's kernel, whatever else is installed.
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (minunet)" >/dev/null
 	# tqdm.auto warns once that notebook widgets are missing; the book shows no progress bars.
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" JUPYTER_PATH="$(CURDIR)/$(VENV)/share/jupyter" \
 	  PYTHONWARNINGS="ignore:IProgress not found" \
 	  $(VENV)/bin/jupyter-book build . --all --warningiserror --keep-going --path-output .
+	# The executed chapters as plain notebooks, in notebooks/ and in the site (no re-run).
+	$(PY) book/export_notebooks.py --html _build/html
 	@echo "Book written to _build/html/index.html"
 
 check-book: $(STAMP)
@@ -34,11 +36,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 notebooks: $(STAMP)
-	# Every chapter with a kernel (a jupytext header) becomes a notebook in notebooks/.
-	mkdir -p notebooks
-	for chapter in $$(grep -l '^kernelspec:' book/*.md); do \
-	  $(VENV)/bin/jupytext --quiet --to ipynb -o notebooks/$$(basename $${chapter%.md}).ipynb $$chapter || exit 1; \
-	done
+	# Every chapter as an executed notebook in notebooks/ (outputs from the last book build
+	# when it is up to date, else each chapter runs in an empty folder outside the repository).
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (minunet)" >/dev/null
+	$(PY) book/export_notebooks.py
 
 # Speed against PyTorch (a few minutes); the accuracy runs take ~20 minutes more:
 #   $(PY) benchmarks/bench_segmentation.py synthetic   (also dsb2018, isbi2012)

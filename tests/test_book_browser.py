@@ -5,7 +5,10 @@ themselves, so a plain ``make test`` does not depend on a book build. CI runs th
 ``make check-book`` right after ``make book``.
 
 For every page in ``_toc.yml`` the browser must load the page, show the chapter's title, and
-lay out every figure with a non-zero size; a screenshot of each page goes to
+lay out every figure with a non-zero size, show no unrendered Markdown or MyST markup in its
+prose (``|---|``, ``{glue:``, ``{cite}``), no warning or error output, no code block wider
+than its box, and at least one real ``<table>`` where a chapter's results are tabular; a
+screenshot of each page goes to
 ``_build/screenshots/``. A small crawler then follows every internal link and image source of
 the site and checks that its target file, and its ``#anchor``, exist.
 """
@@ -13,6 +16,7 @@ the site and checks that its target file, and its ``#anchor``, exist.
 from __future__ import annotations
 
 import html
+import json
 import re
 import shutil
 import subprocess
@@ -30,6 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SITE = ROOT / "_build" / "html"
 SCREENSHOTS = ROOT / "_build" / "screenshots"
 BROWSER_TIMEOUT_S = 120
+# Chapters whose computed results are tabular: each must show at least one real <table>.
+CHAPTERS_WITH_TABLES = {f"book/{name}" for name in (
+    "02_convolution", "03_transposed_convolution", "04_backpropagation", "05_patch_classifier",
+    "06_fcn", "07_unet", "08_loss_and_weights", "09_training", "10_overlap_tile",
+    "11_counting", "13_frameworks")}
 
 if not (SITE / "index.html").exists():
     pytest.skip("the book is not built (run `make book` first)", allow_module_level=True)
@@ -83,7 +92,8 @@ def normalise(text: str) -> str:
 
 
 class _PageParser(HTMLParser):
-    """Collects the text of <h1>, the <img> tags, every link target and every id."""
+    """Collects the text of <h1>, the <img> tags, every link target and every id, and the
+    attributes of the measuring script's report."""
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
@@ -91,10 +101,13 @@ class _PageParser(HTMLParser):
         self.images: list[dict[str, str]] = []
         self.targets: list[str] = []
         self.ids: set[str] = set()
+        self.report: dict[str, str] = {}
         self._h1_depth = 0
 
     def handle_starttag(self, tag, attrs):
         attributes = {k: (v or "") for k, v in attrs}
+        if attributes.get("id") == "measured-report":
+            self.report = attributes
         if "id" in attributes:
             self.ids.add(attributes["id"])
         if tag == "a" and "name" in attributes:
@@ -123,7 +136,9 @@ def parse(markup: str) -> _PageParser:
     return parser
 
 
-# Runs after the page (and its images) have loaded; records what the browser laid out.
+# Runs after the page (and its images) have loaded; records what the browser laid out:
+# every image's size, the prose text outside code (to find Markdown that did not render),
+# the code blocks whose text is wider than their box, and how many tables were rendered.
 _MEASURE_SCRIPT = """
 <script>
 window.addEventListener("load", () => {
@@ -133,10 +148,28 @@ window.addEventListener("load", () => {
     img.setAttribute("data-natural", img.naturalWidth + "x" + img.naturalHeight);
     img.setAttribute("data-layout", Math.round(box.width) + "x" + Math.round(box.height));
   }
+  const prose = main.cloneNode(true);
+  for (const code of prose.querySelectorAll("pre, code, script, style")) code.remove();
+  const report = document.createElement("div");
+  report.id = "measured-report";
+  report.setAttribute("data-prose", prose.textContent);
+  const wide = [];
+  for (const pre of main.querySelectorAll("pre")) {
+    if (pre.scrollWidth > pre.clientWidth + 1) {
+      const lines = pre.textContent.split("\\n");
+      wide.push(lines.reduce((a, b) => (b.length > a.length ? b : a), ""));
+    }
+  }
+  report.setAttribute("data-wide-code", JSON.stringify(wide));
+  report.setAttribute("data-tables", String(main.querySelectorAll("table").length));
+  document.body.appendChild(report);
   document.body.setAttribute("data-measured", "yes");
 });
 </script>
 """
+
+# Text that only appears on a page when Markdown or a MyST role was shown instead of rendered.
+RAW_MARKUP = re.compile(r"\|\s*:?-{3,}:?\s*\||\{glue:|\{cite\}|\{download\}|^:::", re.M)
 
 
 def browser_args(browser: str, profile: Path) -> list[str]:
@@ -183,6 +216,12 @@ def test_page_loads_with_title_and_figures(file, browser, tmp_path):
     assert any(plain_title in h for h in headings), (
         f"title {plain_title!r} not among the page's headings {headings}"
     )
+    raw = sorted({m.group(0).strip() for m in RAW_MARKUP.finditer(parsed.report["data-prose"])})
+    assert not raw, f"{file} shows unrendered Markdown or MyST markup: {raw}"
+    wide = json.loads(parsed.report["data-wide-code"])
+    assert not wide, f"{file}: {len(wide)} code block(s) wider than their box, e.g. {wide[0]!r}"
+    if file in CHAPTERS_WITH_TABLES:
+        assert int(parsed.report["data-tables"]) > 0, f"{file} renders no <table>"
     figures = [img for img in parsed.images if "data-layout" in img]
     if is_notebook(file):
         assert figures, f"{file} is an executed chapter but shows no figure"
