@@ -92,3 +92,25 @@ def test_citations_and_glue_resolve(path):
     # a bare {glue:} pastes the value's repr, quotes included; {glue:text} pastes its text
     assert "{glue:}`" not in text, f"{path.name}: paste with {{glue:text}}, not {{glue:}}"
     assert pasted <= glued, f"{path.name} pastes values no cell glues: {sorted(pasted - glued)}"
+
+
+@pytest.mark.parametrize("path", chapters(), ids=lambda p: p.stem)
+def test_every_exercise_has_a_hint_and_a_solution(path):
+    exercises = path.read_text().split("\n## Exercises\n", 1)[1]
+    count = len(re.findall(r"^\d+\. ", exercises, flags=re.M))
+    hints = len(re.findall(r"^:::\{dropdown\} Hint$", exercises, flags=re.M))
+    solutions = len(re.findall(r"^:::\{dropdown\} Solution$", exercises, flags=re.M))
+    assert hints == solutions == count, (
+        f"{path.name}: {count} exercises, {hints} hints, {solutions} solutions"
+    )
+
+
+@pytest.mark.parametrize("path", chapters(), ids=lambda p: p.stem)
+def test_code_fits_the_page(path):
+    """Code lines of at most 80 characters (the width of the book's code boxes) and cells a
+    reader can take in at once (a class or a figure may run a little longer)."""
+    for cell in code_cells(path.read_text()):
+        lines = cell.splitlines()
+        wide = [line for line in lines if len(line) > 80]
+        assert not wide, f"{path.name}: code line wider than 80 characters: {wide[0]!r}"
+        assert len(lines) <= 40, f"{path.name}: a code cell of {len(lines)} lines"
