@@ -20,3 +20,22 @@ def glue(name: str, value, display: bool = True) -> None:
             show(value)
         return
     myst_glue(name, value, display=display)
+
+
+def listing(function, docstring: bool = False):
+    """The source of ``function`` (or a method) as a Markdown code block, for quoting the
+    package in the text; its docstring is left out unless ``docstring`` (the prose says it).
+    """
+    import ast
+    import inspect
+    import textwrap
+
+    from IPython.display import Markdown
+
+    source = textwrap.dedent(inspect.getsource(function))
+    definition = ast.parse(source).body[0]
+    if not docstring and ast.get_docstring(definition) is not None:
+        lines = source.splitlines(keepends=True)
+        doc = definition.body[0]
+        source = "".join(lines[: doc.lineno - 1] + lines[doc.end_lineno :])
+    return Markdown(f"```python\n{source}```")
