@@ -367,21 +367,21 @@ class MaxPool2d(Module):
 
 class ReLU(Module):
     """``y = max(x, 0)``; ``dL/dx = dL/dy * [x > 0]`` (the derivative at 0 is taken as 0,
-    as in PyTorch)."""
+    as in PyTorch). Keeps its output for backward (``y > 0`` exactly where ``x > 0``)."""
 
     def __init__(self):
         super().__init__()
-        self._mask = None
+        self._y = None
 
     def forward(self, x):
-        self._mask = x > 0
-        return get_array_module(x).maximum(x, 0)
+        self._y = F.relu(x)
+        return self._y
 
     def backward(self, grad_out):
-        return grad_out * self._require_cache(self._mask)
+        return F.relu_backward(grad_out, self._require_cache(self._y))
 
     def _clear_cache(self):
-        self._mask = None
+        self._y = None
 
 
 class Dropout(Module):

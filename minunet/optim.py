@@ -2,7 +2,8 @@
 
 Both follow PyTorch's update rules exactly, so that a minunet training run and a PyTorch run
 from the same weights on the same data produce the same weights. Updates happen in place on
-each :class:`minunet.nn.Parameter`'s ``data`` array (NumPy or CuPy).
+each :class:`minunet.nn.Parameter`'s ``data`` array: in NumPy, or on the GPU (CuPy arrays)
+by the kernels of ``minunet/cuda/optimizers.cu``, one launch per parameter.
 
 ``state_dict()`` returns a flat dict of hyper-parameters (Python numbers) and per-parameter
 state arrays keyed ``"<name>.<index>"`` (index into the parameter list), which
@@ -14,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from minunet.backend import get_array_module, is_cupy_array, to_device
+from minunet.cuda import ops
 from minunet.nn import Parameter
 
 
@@ -122,6 +124,9 @@ class SGD(Optimizer):
         self.momentum = float(momentum)
 
     def _update(self, index, p):
+        if is_cupy_array(p.data):
+            self._update_on_gpu(index, p)
+            return
         direction = self._gradient(p)
         if self.momentum:
             buffers = self.state["momentum_buffer"]
@@ -132,6 +137,18 @@ class SGD(Optimizer):
                 buffers[index] += direction
             direction = buffers[index]
         p.data -= self.lr * direction
+
+    def _update_on_gpu(self, index, p):
+        """The same rule in one kernel: ``v = momentum*v + g`` from ``v = 0`` gives PyTorch's
+        first step ``v = g`` exactly. Without momentum ``v`` is a scratch array."""
+        buffers = self.state["momentum_buffer"]
+        velocity = buffers[index]
+        if velocity is None:
+            velocity = get_array_module(p.data).zeros_like(p.data)
+            if self.momentum:
+                buffers[index] = velocity
+        ops.sgd_momentum_update(p.data, p.grad, velocity, self.lr, self.momentum,
+                                self.weight_decay)
 
 
 class Adam(Optimizer):
@@ -157,12 +174,16 @@ class Adam(Optimizer):
         self.eps = float(eps)
 
     def _update(self, index, p):
-        grad = self._gradient(p)
         xp = get_array_module(p.data)
         beta1, beta2 = self.betas
         m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
         if m[index] is None:
             m[index], v[index] = xp.zeros_like(p.data), xp.zeros_like(p.data)
+        if is_cupy_array(p.data):
+            ops.adam_update(p.data, p.grad, m[index], v[index], self.step_count, self.lr,
+                            beta1, beta2, self.eps, self.weight_decay)
+            return
+        grad = self._gradient(p)
         m[index] += (1 - beta1) * (grad - m[index])  # = beta1*m + (1-beta1)*g, as torch's lerp
         v[index] *= beta2
         v[index] += (1 - beta2) * grad * grad

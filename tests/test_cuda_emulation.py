@@ -41,6 +41,19 @@ def test_a_missing_barrier_breaks_the_tiled_convolution(without_barriers, rng):
     assert not np.allclose(tiled, expected)
 
 
+@pytest.mark.parametrize("rung", ["blocked", "pipelined"])
+def test_a_missing_barrier_breaks_the_register_blocked_kernels(without_barriers, rung, rng):
+    x, weight = rng.standard_normal((2, 3, 6, 7)), rng.standard_normal((5, 3, 3, 3))
+    y = ops.conv2d(x, weight, padding=1, algorithm=rung, runner=without_barriers)
+    assert not np.allclose(y, F.conv2d(x, weight, padding=1))
+    grad_weight = ops.conv2d_backward(y, x, weight, padding=1, algorithm=rung,
+                                      runner=without_barriers)[1]
+    assert not np.allclose(grad_weight, F.conv2d_backward(y, x, weight, padding=1)[1])
+    up_weight = weight[:3, :2, :2, :2].copy()  # (C_in, C_out, 2, 2): the up-convolution kernel
+    up = ops.conv_transpose2d(x, up_weight, stride=2, algorithm=rung, runner=without_barriers)
+    assert not np.allclose(up, F.conv_transpose2d(x, up_weight, stride=2))
+
+
 def test_a_missing_barrier_breaks_the_tree_reduction(without_barriers, rng):
     x = rng.standard_normal((2, 4, 300))
     total = ops.channel_sum(x, runner=without_barriers)

@@ -77,6 +77,9 @@ CONV_CASES = {
     "valid-deep": ((2, 5, 6, 6), (3, 5, 3, 3), dict(padding="valid")),  # 45 taps: 3 k-steps
     "pointwise-strided": ((3, 4, 5, 7), (6, 4, 1, 1), dict(stride=3)),
     "full-dilated": ((1, 1, 4, 5), (2, 1, 3, 2), dict(padding="full", dilation=(2, 1))),
+    # 65 output channels, 70 pixels, 27 taps: two 64-wide blocks each way with ragged edges,
+    # and a weight gradient split over two depth slices
+    "ragged-blocks": ((2, 3, 5, 7), (65, 3, 3, 3), dict(padding=1)),
 }
 
 
@@ -105,6 +108,7 @@ def test_conv2d_forward_and_backward(device, case, algorithm, dtype, rng):
 TRANSPOSE_CASES = {
     # name: (x shape, weight shape (C_in, C_out, kH, kW), keyword arguments)
     "unet-up-convolution": ((2, 3, 4, 5), (3, 4, 2, 2), dict(stride=2)),
+    "up-convolution-ragged": ((1, 9, 3, 7), (9, 17, 2, 2), dict(stride=2)),  # 68 rows (k, a, b)
     "unequal-strides": ((1, 2, 5, 4), (2, 18, 3, 2),
                         dict(stride=(2, 3), padding=(1, 0), output_padding=(1, 2))),
     "dilated": ((2, 2, 4, 4), (2, 3, 3, 2), dict(padding=1, dilation=2, output_padding=1)),
@@ -137,6 +141,41 @@ def test_conv2d_rejects_bad_arguments(device, rng):
         device("conv2d", x, rng.standard_normal((3, 2, 3, 3)), algorithm="fast")
     with pytest.raises(ValueError, match="input channels"):  # the NumPy kernels' own checks
         device("conv2d", x, rng.standard_normal((3, 4, 3, 3)))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_conv2d_with_fused_relu(device, algorithm, dtype, rng):
+    x = rng.standard_normal((2, 3, 6, 5)).astype(dtype)
+    weight = rng.standard_normal((5, 3, 3, 3)).astype(dtype)
+    bias = rng.standard_normal(5).astype(dtype)
+    expected = np.maximum(F.conv2d(x, weight, bias, padding=1), 0)
+    assert_close(device("conv2d", x, weight, bias, padding=1, relu=True, algorithm=algorithm),
+                 expected, dtype)
+
+
+@pytest.mark.parametrize("rung", ["blocked", "pipelined"])
+def test_split_k_weight_gradient_is_right_and_bit_reproducible(emulated_runner, rung, rng):
+    """A long depth (2*10*10 pixels) over few output tiles: the weight gradient is split into
+    depth slices summed in a fixed order, which gives the same bits on every call."""
+    x, weight = rng.standard_normal((2, 2, 12, 12)), rng.standard_normal((3, 2, 3, 3))
+    grad_out = rng.standard_normal((2, 3, 10, 10))
+    assert 200 // ops._split_depth(3, 18, 200) >= 2  # several slices
+    before = emulated_runner.launched.get("conv2d_sum_splits", 0)
+    first = ops.conv2d_backward(grad_out, x, weight, algorithm=rung, runner=emulated_runner)[1]
+    again = ops.conv2d_backward(grad_out, x, weight, algorithm=rung, runner=emulated_runner)[1]
+    assert emulated_runner.launched["conv2d_sum_splits"] == before + 2
+    np.testing.assert_array_equal(first, again)
+    assert_close(first, F.conv2d_backward(grad_out, x, weight)[1], "float64")
+
+
+def test_split_depth_covers_the_depth_in_whole_steps():
+    for rows, cols, depth in [(64, 576, 324900), (1024, 4608, 784), (3, 18, 200), (2, 8, 5)]:
+        split = ops._split_depth(rows, cols, depth)
+        slices = -(-depth // split)
+        assert split % ops.BLOCK_DEPTH == 0 and (slices - 1) * split < depth <= slices * split
+        blocks = -(-rows // ops.BLOCK_ROWS) * -(-cols // ops.BLOCK_COLS)
+        assert slices == 1 or blocks * slices <= 2 * ops.SPLIT_TARGET_BLOCKS
 
 
 def test_sizes_beyond_int_indices_are_refused_before_allocating(device):
@@ -304,9 +343,10 @@ def test_unet_forward_backward_through_the_kernels(emulated_runner, monkeypatch,
                  "max_pool2d", "max_pool2d_backward"):
         monkeypatch.setattr(F, name, functools.partial(getattr(ops, name),
                                                        runner=emulated_runner))
-    before = emulated_runner.launched.get("conv2d_weight_grad_tiled", 0)
+    weight_grad = f"conv2d_weight_grad_{ops.DEFAULT_ALGORITHM}"
+    before = emulated_runner.launched.get(weight_grad, 0)
     got = run(net)
-    assert emulated_runner.launched["conv2d_weight_grad_tiled"] > before
+    assert emulated_runner.launched[weight_grad] > before
     assert_close(got[0], expected[0], "float64")
     assert_close(got[1], expected[1], "float64")
     for mine, oracle in zip(got[2], expected[2], strict=True):
@@ -321,14 +361,16 @@ def test_every_kernel_is_launched_by_the_ops(emulated_runner, rng):
     is the business of the tests above)."""
     device = Device(emulated_runner, emulated_runner.contiguous)
     before = dict(emulated_runner.launched)
-    x, w = rng.standard_normal((1, 2, 4, 4)), rng.standard_normal((2, 2, 2, 2))
-    for algorithm in ALGORITHMS:
+    x, w = rng.standard_normal((1, 2, 9, 9)), rng.standard_normal((2, 2, 2, 2))
+    for algorithm in ALGORITHMS:  # 64 pixels: two depth slices for the weight gradient
         y = device("conv2d", x, w, algorithm=algorithm)
         device("conv2d_backward", y, x, w, algorithm=algorithm)
+        y = device("conv_transpose2d", x, w, stride=2, algorithm=algorithm)
+        device("conv_transpose2d_backward", y, x, w, stride=2, algorithm=algorithm)
     y = device("max_pool2d", x, 2)
     device("max_pool2d_backward", y, x, 2)
     device("relu_backward", x, device("relu", x))
-    device("softmax_cross_entropy", x, rng.integers(0, 2, (1, 4, 4)))
+    device("softmax_cross_entropy", x, rng.integers(0, 2, (1, 9, 9)))
     p, g, m, v = (device.put(np.zeros(3)) for _ in range(4))
     ops.sgd_momentum_update(p, g, m, 0.1, 0.9, runner=emulated_runner)
     ops.adam_update(p, g, m, v, 1, 0.1, runner=emulated_runner)

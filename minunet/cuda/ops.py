@@ -14,9 +14,13 @@ dtype)``, ``zeros(shape, dtype)``, ``contiguous(x)`` (``x`` as a C-contiguous ar
 runner) and ``kernel(file, name, dtype)``, returning a callable ``kernel(grid, block, args)``
 as ``cupy.RawKernel`` is.
 
-Convolutions take ``algorithm="tiled"`` (shared-memory implicit GEMM, the default) or
-``"naive"`` (one thread per output element); both give the same numbers up to rounding.
-Kernel indices are 32-bit ``int``: every array must have fewer than 2**31 elements.
+Convolutions take ``algorithm=`` one rung of the ladder of ``conv2d.cu``: ``"naive"`` (one
+thread per output element), ``"tiled"`` (shared-memory implicit GEMM), ``"blocked"`` (register
+blocking over a tap table, split-K weight gradient, the up-convolution's own kernels) or
+``"pipelined"`` (blocked + double buffering + vectorised shared-memory reads, the default).
+All give the same numbers up to rounding; sizes use the letters of ``conv2d.cu`` (x (N, C, H,
+W), weight (K, C, R, S), y (N, K, P, Q)). Kernel indices are 32-bit ``int``: every array must
+have fewer than 2**31 elements.
 
 Cropping and concatenating feature maps (the U-Net's skip connections) are pure copies, which
 CuPy's slicing and ``cupy.concatenate`` already do at memory speed; they have no kernel here.
@@ -44,8 +48,17 @@ from minunet.losses import _check_class_target, _check_weight
 
 THREADS_PER_BLOCK = 256  # 1-D launches: eight warps per block
 TILE = defined_constant("conv2d.cu", "TILE")  # tiled kernels: TILE x TILE threads per block
+# blocked kernels: BLOCKED_THREADS threads compute a BLOCK_ROWS x BLOCK_COLS tile of C
+BLOCK_ROWS, BLOCK_COLS, BLOCK_DEPTH, BLOCKED_THREADS = (
+    defined_constant("conv2d.cu", name)
+    for name in ("BLOCK_ROWS", "BLOCK_COLS", "BLOCK_DEPTH", "BLOCKED_THREADS"))
+# split-K: about two blocks per multiprocessor of a 132-SM GPU (H100/H200), and no depth
+# slice shorter than four steps
+SPLIT_TARGET_BLOCKS = 264
+MIN_SPLIT_DEPTH = 4 * BLOCK_DEPTH
 SUM_THREADS = defined_constant("reduction.cu", "SUM_THREADS")  # threads per channel sum
-ALGORITHMS = ("tiled", "naive")
+ALGORITHMS = ("naive", "tiled", "blocked", "pipelined")  # the ladder of conv2d.cu, slowest first
+DEFAULT_ALGORITHM = "pipelined"
 INT_MAX = 2**31 - 1
 
 
@@ -68,7 +81,8 @@ class CupyRunner:
         return self.xp.zeros(shape, dtype=dtype)
 
     def contiguous(self, x):
-        return self.xp.ascontiguousarray(x)
+        """``x`` as a C-contiguous GPU array (copied there first if it is a host array)."""
+        return self.xp.ascontiguousarray(self.xp.asarray(x))
 
 
 @functools.cache
@@ -123,67 +137,134 @@ def _launch_1d(kernel, count: int, args) -> None:
 
 
 # --- Convolution ----------------------------------------------------------------------------
+# Letters as in conv2d.cu: x (N, C, H, W), weight (K, C, R, S), y (N, K, P, Q).
 
 
 class ConvSizes(NamedTuple):
-    """The fifteen sizes every kernel of ``conv2d.cu`` takes, in its order (CONV_SIZES)."""
+    """The fifteen sizes every convolution kernel of ``conv2d.cu`` takes, in its order."""
 
-    batch: int
-    in_channels: int
-    in_h: int
-    in_w: int
-    out_channels: int
-    kernel_h: int
-    kernel_w: int
-    out_h: int
-    out_w: int
+    N: int
+    C: int
+    H: int
+    W: int
+    K: int
+    R: int
+    S: int
+    P: int
+    Q: int
     stride_h: int
     stride_w: int
-    pad_top: int
-    pad_left: int
+    pad_h: int  # top
+    pad_w: int  # left
     dilation_h: int
     dilation_w: int
 
     @classmethod
-    def of(cls, batch: int, in_channels: int, out_channels: int, g: ConvGeometry) -> ConvSizes:
-        """Sizes of the convolution ``in_channels -> out_channels`` with geometry ``g``;
+    def of(cls, N: int, C: int, K: int, g: ConvGeometry) -> ConvSizes:
+        """Sizes of the convolution with N images, C -> K channels and geometry ``g``;
         refuses (ValueError) what the kernels' int indices cannot address."""
         (top, _), (left, _) = g.padding
-        sizes = cls(batch, in_channels, *g.in_hw, out_channels, *g.kernel_size, *g.out_hw,
-                    *g.stride, top, left, *g.dilation)
+        sizes = cls(N, C, *g.in_hw, K, *g.kernel_size, *g.out_hw, *g.stride, top, left,
+                    *g.dilation)
         sizes.kernel_args()
         return sizes
 
     def kernel_args(self) -> tuple[np.int32, ...]:
         """The sizes as C ints, after checking that no tensor of the convolution (input,
         output, weight) has 2**31 elements or more."""
-        _int(self.batch * self.in_channels * self.in_h * self.in_w, "the input's element count")
-        _int(self.batch * self.out_channels * self.out_h * self.out_w,
-             "the output's element count")
-        _int(self.out_channels * self.in_channels * self.kernel_h * self.kernel_w,
-             "the weight's element count")
+        _int(self.N * self.C * self.H * self.W, "the input's element count")
+        _int(self.N * self.K * self.P * self.Q, "the output's element count")
+        _int(self.K * self.C * self.R * self.S, "the weight's element count")
         return tuple(_int(value, name) for name, value in zip(self._fields, self, strict=True))
 
 
-# Each pass as a matrix product: (rows, columns) of its result (see conv2d.cu).
+# Each pass as a matrix product C = A B: (rows, columns, depth) (see conv2d.cu).
 _CONV_PASSES = {
-    "forward": lambda s: (s.out_channels, s.batch * s.out_h * s.out_w),
-    "input_grad": lambda s: (s.in_channels, s.batch * s.in_h * s.in_w),
-    "weight_grad": lambda s: (s.out_channels, s.in_channels * s.kernel_h * s.kernel_w),
+    "forward": lambda s: (s.K, s.N * s.P * s.Q, s.C * s.R * s.S),
+    "input_grad": lambda s: (s.C, s.N * s.H * s.W, s.K * s.R * s.S),
+    "weight_grad": lambda s: (s.K, s.C * s.R * s.S, s.N * s.P * s.Q),
 }
 
 
-def _conv_pass(run, pass_name: str, algorithm: str, sizes: ConvSizes, inputs, out):
-    """Launch ``conv2d_<pass_name>_<algorithm>`` writing ``out``; returns ``out``."""
+def _check_algorithm(algorithm: str) -> None:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    rows, cols = _CONV_PASSES[pass_name](sizes)
+
+
+@functools.lru_cache(maxsize=256)
+def _tap_table(run, pass_name: str, sizes: ConvSizes):
+    """The tap table of the blocked kernels (``struct Tap`` of conv2d.cu): for each depth
+    index of the pass, (offset, dh, dw, weight offset), as int32 on the runner's device.
+
+    The forward pass walks d = (c, r, s) and reads x at offset c*H*W + dh*W + dw from the
+    output pixel's corner; the input gradient walks d = (k, r, s), reads grad_out in plane
+    k*P*Q and the weight at k*C*R*S + r*S + s. Built once per geometry (a host-to-device copy
+    the first time only)."""
+    s = sizes
+    channels = s.C if pass_name == "forward" else s.K
+    c, r, q = np.meshgrid(np.arange(channels), np.arange(s.R), np.arange(s.S), indexing="ij")
+    dh, dw = r * s.dilation_h, q * s.dilation_w
+    if pass_name == "forward":
+        columns = (c * s.H * s.W + dh * s.W + dw, dh, dw, np.zeros_like(c))
+    else:
+        columns = (c * s.P * s.Q, dh, dw, c * s.C * s.R * s.S + r * s.S + q)
+    table = np.stack([column.ravel() for column in columns], axis=1).astype(np.int32)
+    return run.contiguous(table)
+
+
+def _blocked_grid(rows: int, cols: int, slices: int = 1) -> tuple[int, int, int]:
+    return -(-cols // BLOCK_COLS), -(-rows // BLOCK_ROWS), slices
+
+
+def _split_depth(rows: int, cols: int, depth: int) -> int:
+    """Depth per slice of a split-K launch: enough slices to give the GPU about
+    SPLIT_TARGET_BLOCKS blocks, none shorter than MIN_SPLIT_DEPTH, a multiple of BLOCK_DEPTH.
+    A function of the shape alone, so the sum (and its rounding) is the same on every run."""
+    blocks = (-(-rows // BLOCK_ROWS)) * (-(-cols // BLOCK_COLS))
+    slices = max(1, min(-(-SPLIT_TARGET_BLOCKS // blocks), depth // MIN_SPLIT_DEPTH))
+    per_slice = -(-depth // slices)
+    return max(BLOCK_DEPTH, -(-per_slice // BLOCK_DEPTH) * BLOCK_DEPTH)
+
+
+def _split_k(run, kernel, rows: int, cols: int, depth: int, inputs, out, size_args):
+    """Launch a weight-gradient ``kernel`` of the blocked rungs over depth slices into a
+    workspace, then add the slices in a fixed order (conv2d_sum_splits); returns ``out``."""
+    split_depth = _split_depth(rows, cols, depth)
+    slices = max(1, -(-depth // split_depth))
+    workspace = out if slices == 1 else run.empty((slices, *out.shape), out.dtype)
+    _check_size(workspace)
+    kernel(_blocked_grid(rows, cols, slices), (BLOCKED_THREADS,),
+           (*inputs, workspace, _int(split_depth, "split depth"), *size_args))
+    if slices > 1:
+        _launch_1d(run.kernel("conv2d.cu", "conv2d_sum_splits", out.dtype), out.size,
+                   (workspace, out, _int(slices, "slices"), _int(out.size, "size")))
+    return out
+
+
+def _conv_pass(run, pass_name: str, algorithm: str, sizes: ConvSizes, inputs, out,
+               relu: bool = False):
+    """Launch ``conv2d_<pass_name>_<algorithm>`` writing ``out``; returns ``out``. ``relu``
+    (forward only) applies max(., 0) in the kernel's epilogue on the blocked rungs, and as a
+    second launch on the others."""
+    _check_algorithm(algorithm)
+    rows, cols, depth = _CONV_PASSES[pass_name](sizes)
+    if rows * cols == 0:
+        return out
     kernel = run.kernel("conv2d.cu", f"conv2d_{pass_name}_{algorithm}", out.dtype)
-    args = (*inputs, out, *sizes.kernel_args())
-    if algorithm == "naive":
-        _launch_1d(kernel, rows * cols, args)
-    elif rows * cols > 0:
-        kernel((-(-cols // TILE), -(-rows // TILE)), (TILE, TILE), args)
+    size_args = sizes.kernel_args()
+    if algorithm in ("naive", "tiled"):
+        args = (*inputs, out, *size_args)
+        if algorithm == "naive":
+            _launch_1d(kernel, rows * cols, args)
+        else:
+            kernel((-(-cols // TILE), -(-rows // TILE)), (TILE, TILE), args)
+        return _relu_forward(run, out) if relu else out
+    if pass_name == "weight_grad":
+        return _split_k(run, kernel, rows, cols, depth, inputs, out, size_args)
+    taps = _tap_table(run, pass_name, sizes)
+    flags = (np.int32(relu),) if pass_name == "forward" else ()
+    kernel(_blocked_grid(rows, cols), (BLOCKED_THREADS,),
+           (*inputs, taps, out, *flags, *size_args))
     return out
 
 
@@ -191,11 +272,12 @@ def _bias_or_zeros(run, bias, channels: int, dtype):
     return run.zeros((channels,), dtype) if bias is None else run.contiguous(bias)
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, *, algorithm="tiled",
-           runner=None):
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, *,
+           algorithm=DEFAULT_ALGORITHM, relu=False, runner=None):
     """2-D convolution on the GPU; arguments, shapes and result as
-    :func:`minunet.functional.conv2d`: x (N, C_in, H, W), weight (C_out, C_in, kH, kW),
-    bias (C_out,) or None -> (N, C_out, H_out, W_out)."""
+    :func:`minunet.functional.conv2d`: x (N, C, H, W), weight (K, C, R, S), bias (K,) or
+    None -> (N, K, P, Q). ``relu=True`` returns ``max(y, 0)`` (fused into the kernel's
+    epilogue on the blocked rungs); ``algorithm`` picks the rung of the ladder."""
     geometry = conv2d_arguments(x, weight, bias, stride, padding, dilation)
     _check_size(x, weight)
     run = _runner(runner)
@@ -203,14 +285,14 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, *, algorithm="
     y = run.empty((x.shape[0], weight.shape[0], *geometry.out_hw), x.dtype)
     inputs = (run.contiguous(x), run.contiguous(weight),
               _bias_or_zeros(run, bias, weight.shape[0], x.dtype))
-    return _conv_pass(run, "forward", algorithm, sizes, inputs, y)
+    return _conv_pass(run, "forward", algorithm, sizes, inputs, y, relu=relu)
 
 
 def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, *,
-                    algorithm="tiled", runner=None):
+                    algorithm=DEFAULT_ALGORITHM, runner=None):
     """Gradients of :func:`conv2d`: ``(grad_x, grad_weight, grad_bias)`` with the shapes of
-    x (N, C_in, H, W), weight (C_out, C_in, kH, kW) and the bias (C_out,), given
-    grad_out (N, C_out, H_out, W_out); as :func:`minunet.functional.conv2d_backward`."""
+    x (N, C, H, W), weight (K, C, R, S) and the bias (K,), given grad_out (N, K, P, Q); as
+    :func:`minunet.functional.conv2d_backward`."""
     geometry = conv2d_arguments(x, weight, None, stride, padding, dilation)
     check_grad_out(grad_out, (x.shape[0], weight.shape[0], *geometry.out_hw), x)
     _check_size(grad_out, x, weight)
@@ -225,17 +307,36 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, *,
     return grad_x, grad_weight, channel_sum(grad_out, runner=run)
 
 
-# A transposed convolution with weight (C_in, C_out, kH, kW) is the input gradient of the
-# convolution C_out -> C_in with the same weight: the conv's "input" is its output, the conv's
-# "output" its input (ConvGeometry.in_hw / out_hw are set up that way by the validation).
+# A transposed convolution with weight (C_in, C_out, R, S) is the input gradient of the
+# convolution C_out -> C_in with the same weight: the conv's "input" (C, H, W) is its output,
+# the conv's "output" (K, P, Q) its input (ConvGeometry.in_hw / out_hw are set up that way).
+# The U-Net's 2x2 stride-2 up-convolution has kernels of its own on the blocked rungs.
+
+
+def _is_up_conv2x2(g: ConvGeometry) -> bool:
+    """Kernel 2x2, stride 2, no padding, no dilation, no output padding."""
+    return (g.kernel_size == (2, 2) and g.stride == (2, 2) and g.dilation == (1, 1)
+            and g.padding == ((0, 0), (0, 0))
+            and tuple(g.in_hw) == (2 * g.out_hw[0], 2 * g.out_hw[1]))
+
+
+def _up_sizes(x, weight) -> tuple[np.int32, ...]:
+    """N, C, H, W, K of an up-convolution x (N, C, H, W), weight (C, K, 2, 2)."""
+    return tuple(_int(v, "an up-convolution size") for v in (*x.shape, weight.shape[1]))
+
+
+def _uses_up_conv_kernels(geometry: ConvGeometry, algorithm: str) -> bool:
+    _check_algorithm(algorithm)
+    return algorithm in ("blocked", "pipelined") and _is_up_conv2x2(geometry)
 
 
 def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, dilation=1,
-                     *, algorithm="tiled", runner=None):
+                     *, algorithm=DEFAULT_ALGORITHM, runner=None):
     """2-D transposed convolution on the GPU, as :func:`minunet.functional.conv_transpose2d`:
-    x (N, C_in, H, W), weight (C_in, C_out, kH, kW), bias (C_out,) or None ->
-    (N, C_out, H_out, W_out) with ``H_out = (H-1)*s - 2*p + d*(kH-1) + output_padding + 1``.
-    One launch of the convolution's input-gradient kernel, with the bias added in it."""
+    x (N, C_in, H, W), weight (C_in, C_out, R, S), bias (C_out,) or None ->
+    (N, C_out, H_out, W_out) with ``H_out = (H-1)*stride - 2*padding + dilation*(R-1) +
+    output_padding + 1``. One launch of the convolution's input-gradient kernel, with the bias
+    added in it, or of up_conv2x2_forward for the U-Net's up-convolution."""
     geometry = conv_transpose2d_arguments(x, weight, bias, stride, padding, output_padding,
                                           dilation)
     _check_size(x, weight)
@@ -244,11 +345,17 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     y = run.empty((x.shape[0], weight.shape[1], *geometry.in_hw), x.dtype)
     inputs = (run.contiguous(x), run.contiguous(weight),
               _bias_or_zeros(run, bias, weight.shape[1], x.dtype))
-    return _conv_pass(run, "input_grad", algorithm, sizes, inputs, y)
+    if not _uses_up_conv_kernels(geometry, algorithm):
+        return _conv_pass(run, "input_grad", algorithm, sizes, inputs, y)
+    rows, cols = 4 * weight.shape[1], x.shape[0] * x.shape[2] * x.shape[3]
+    if rows * cols:
+        kernel = run.kernel("conv2d.cu", f"up_conv2x2_forward_{algorithm}", x.dtype)
+        kernel(_blocked_grid(rows, cols), (BLOCKED_THREADS,), (*inputs, y, *_up_sizes(x, weight)))
+    return y
 
 
 def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_padding=0,
-                              dilation=1, *, algorithm="tiled", runner=None):
+                              dilation=1, *, algorithm=DEFAULT_ALGORITHM, runner=None):
     """Gradients of :func:`conv_transpose2d`: ``(grad_x, grad_weight, grad_bias)``, given
     grad_out (N, C_out, H_out, W_out). grad_x is the forward convolution of grad_out,
     grad_weight the convolution's weight gradient with the roles of x and grad_out swapped."""
@@ -259,11 +366,21 @@ def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_p
     run = _runner(runner)
     sizes = ConvSizes.of(x.shape[0], weight.shape[1], weight.shape[0], geometry)
     grad_out, x, weight = run.contiguous(grad_out), run.contiguous(x), run.contiguous(weight)
-    no_bias = run.zeros((weight.shape[0],), x.dtype)
-    grad_x = _conv_pass(run, "forward", algorithm, sizes, (grad_out, weight, no_bias),
-                        run.empty(x.shape, x.dtype))
-    grad_weight = _conv_pass(run, "weight_grad", algorithm, sizes, (x, grad_out),
-                             run.empty(weight.shape, x.dtype))
+    grad_x, grad_weight = run.empty(x.shape, x.dtype), run.empty(weight.shape, x.dtype)
+    if _uses_up_conv_kernels(geometry, algorithm):
+        N, C, H, W = x.shape  # the letters of conv2d.cu
+        up = _up_sizes(x, weight)
+        if N * H * W and C:
+            kernel = run.kernel("conv2d.cu", f"up_conv2x2_input_grad_{algorithm}", x.dtype)
+            kernel(_blocked_grid(C, N * H * W), (BLOCKED_THREADS,), (grad_out, weight, grad_x, *up))
+        if grad_weight.size:
+            kernel = run.kernel("conv2d.cu", f"up_conv2x2_weight_grad_{algorithm}", x.dtype)
+            _split_k(run, kernel, C, 4 * weight.shape[1], N * H * W, (grad_out, x), grad_weight,
+                     up)
+    else:
+        no_bias = run.zeros((weight.shape[0],), x.dtype)
+        _conv_pass(run, "forward", algorithm, sizes, (grad_out, weight, no_bias), grad_x)
+        _conv_pass(run, "weight_grad", algorithm, sizes, (x, grad_out), grad_weight)
     return grad_x, grad_weight, channel_sum(grad_out, runner=run)
 
 
@@ -354,15 +471,18 @@ def _check_like(reference_name: str, reference, **others) -> None:
                              f"{tuple(reference.shape)}, got {tuple(array.shape)}")
 
 
-def relu(x, *, runner=None):
-    """``max(x, 0)`` elementwise, any shape, float32/float64; a new array."""
-    _check_float("x", x)
-    _check_size(x)
-    run = _runner(runner)
+def _relu_forward(run, x):
     y = run.empty(x.shape, x.dtype)
     _launch_1d(run.kernel("elementwise.cu", "relu_forward", x.dtype), x.size,
                (run.contiguous(x), y, _int(x.size, "size")))
     return y
+
+
+def relu(x, *, runner=None):
+    """``max(x, 0)`` elementwise, any shape, float32/float64; a new array."""
+    _check_float("x", x)
+    _check_size(x)
+    return _relu_forward(_runner(runner), x)
 
 
 def relu_backward(grad_out, x, *, runner=None):

@@ -1,5 +1,5 @@
-"""The kernels of minunet: convolution, transposed convolution and max-pooling, with their
-gradients, in NumPy.
+"""The kernels of minunet: convolution, transposed convolution, max-pooling and ReLU, with
+their gradients, in NumPy.
 
 Every operation comes twice: a loop-only ``*_reference`` version that reads like its
 equation, and a fast vectorised version (im2col + one matrix product) tested against it and
@@ -10,6 +10,7 @@ weight (C_in, C_out, kH, kW), ``dilation=1`` meaning none; float32 or float64, a
 output has the dtype of the input.
 """
 
+from minunet.functional.activation import relu, relu_backward
 from minunet.functional.conv import (
     conv2d,
     conv2d_backward,
@@ -55,4 +56,6 @@ __all__ = [
     "max_pool2d_backward",
     "max_pool2d_backward_reference",
     "max_pool2d_reference",
+    "relu",
+    "relu_backward",
 ]

@@ -43,12 +43,20 @@
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 struct uint3 {
     unsigned x, y, z;
 };
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
+};
+// The 16-byte vector types that kernels load in one instruction (aligned as on a GPU).
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+struct alignas(16) double2 {
+    double x, y;
 };
 
 // --- The built-in indices: set by the scheduler before it resumes a thread ------------------
