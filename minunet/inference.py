@@ -26,13 +26,15 @@ import numbers
 import numpy as np
 from tqdm.auto import tqdm
 
-from minunet.backend import to_device, to_numpy
+from minunet.backend import get_array_module, to_device, to_numpy
 from minunet.data.augment import DIHEDRAL, apply_dihedral, invert_dihedral
 from minunet.data.tiles import mirror_pad
 from minunet.losses import softmax
 
 # Extra context (px, each side) given to every tile of a 'same'-padding network by default.
 SAME_PADDING_MARGIN = 32
+# Tiles per forward pass on the GPU (one on the CPU, where memory is the limit).
+GPU_TILE_BATCH = 4
 
 
 def tiling_plan(net, length: int, tile_size: int | None, extra: int):
@@ -62,25 +64,30 @@ def tiling_plan(net, length: int, tile_size: int | None, extra: int):
 
 
 def _predict_once(net, image: np.ndarray, tile_size, margin: int, progress: bool):
-    """Class probabilities (num_classes, H, W) of one (C, H, W) image, tile by tile."""
+    """Class probabilities (num_classes, H, W) of one (C, H, W) image, tile by tile; on the
+    GPU the image goes there once and GPU_TILE_BATCH tiles share each forward pass."""
     height, width = image.shape[-2:]
     rows = tiling_plan(net, height, tile_size, margin)
     cols = tiling_plan(net, width, tile_size, margin)
-    padded = mirror_pad(image, ((rows[4], rows[5]), (cols[4], cols[5])))
-    on_gpu = net.device == "cupy"
-    result = np.empty((net.config["num_classes"], height, width), np.float32)
-    positions = [(i, j) for i in range(rows[3]) for j in range(cols[3])]
-    for i, j in tqdm(positions, desc="tiles", disable=not progress or len(positions) < 2,
-                     leave=False):
-        r0, c0 = i * rows[2], j * cols[2]  # tile corner in padded coordinates
-        tile = np.ascontiguousarray(padded[None, :, r0:r0 + rows[0], c0:c0 + cols[0]])
-        logits = net.forward(to_device(tile, "cupy") if on_gpu else tile)
-        probabilities = to_numpy(softmax(logits, axis=1))[0]
-        keep_h, keep_w = min(rows[2], height - r0), min(cols[2], width - c0)
-        # the first kept output pixel sits `margin` pixels into the network's output
-        result[:, r0:r0 + keep_h, c0:c0 + keep_w] = probabilities[
-            :, margin:margin + keep_h, margin:margin + keep_w]
-    return result
+    padded = to_device(mirror_pad(image, ((rows[4], rows[5]), (cols[4], cols[5]))), net.device)
+    xp = get_array_module(padded)
+    result = xp.empty((net.config["num_classes"], height, width), np.float32)
+    corners = [(i * rows[2], j * cols[2])  # tile corners in padded coordinates
+               for i in range(rows[3]) for j in range(cols[3])]
+    batch = GPU_TILE_BATCH if net.device == "cupy" else 1
+    with tqdm(total=len(corners), desc="tiles", disable=not progress or len(corners) < 2,
+              leave=False) as bar:
+        for start in range(0, len(corners), batch):
+            group = corners[start:start + batch]
+            tiles = xp.stack([padded[:, r0:r0 + rows[0], c0:c0 + cols[0]] for r0, c0 in group])
+            probabilities = softmax(net.forward(tiles), axis=1)
+            for (r0, c0), tile in zip(group, probabilities, strict=True):
+                keep_h, keep_w = min(rows[2], height - r0), min(cols[2], width - c0)
+                # the first kept output pixel sits `margin` pixels into the network's output
+                result[:, r0:r0 + keep_h, c0:c0 + keep_w] = tile[
+                    :, margin:margin + keep_h, margin:margin + keep_w]
+            bar.update(len(group))
+    return to_numpy(result)
 
 
 def predict(net, image, tile_size: int | None = None, tta: bool = False, *,

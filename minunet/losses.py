@@ -5,12 +5,15 @@ function here returns both the value and its gradient with respect to its first 
 the gradient is what :meth:`minunet.UNet.backward` takes.
 
 ``loss`` is a scalar of the input's dtype (a NumPy scalar, or a 0-d CuPy array on the GPU;
-``float(loss)`` gives a Python number). All functions work on NumPy and CuPy arrays alike.
+``float(loss)`` gives a Python number). All functions work on NumPy and CuPy arrays alike;
+on CuPy arrays :func:`softmax_cross_entropy`, the U-Net's loss, runs one CUDA kernel
+(``minunet/cuda/softmax_cross_entropy.cu``).
 """
 
 from __future__ import annotations
 
 from minunet.backend import get_array_module
+from minunet.functional._dispatch import dispatch_on_array_type
 
 
 def _check_float(name: str, x) -> None:
@@ -65,6 +68,7 @@ def softmax(logits, axis: int = 1):
     return get_array_module(logits).exp(log_softmax(logits, axis))
 
 
+@dispatch_on_array_type
 def softmax_cross_entropy(logits, target, weight=None):
     """Pixel-wise softmax followed by (weighted) cross-entropy, the U-Net paper's Eq. (1).
 

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from minunet.backend import to_device, to_numpy
+from minunet.backend import is_cupy_array, to_device, to_numpy
 from minunet.data.loaders import Dataset
 from minunet.data.tiles import TileSampler
 from minunet.data.weights import carve_separation_borders, class_weight_map, weight_map
@@ -54,6 +54,7 @@ LR_SCHEDULES = ("constant", "cosine")
 HIGHER_IS_BETTER = {"iou": True, "dice": True, "f1": True, "pixel_error": False,
                     "count_error": False}
 MULTICLASS_METRICS = ("iou", "pixel_error")
+GPU_LOSS_EVERY = 10  # on the GPU, fit reads the losses (and waits for the GPU) every N steps
 
 
 def learning_rate(schedule: str, lr: float, min_lr: float, step: int, steps: int) -> float:
@@ -289,20 +290,29 @@ def _check_class_masks(datasets, num_classes: int) -> None:
                                  f"trains on class-index masks")
 
 
-def training_step(net, optimizer, x, target, weight, step: int) -> float:
+def training_step(net, optimizer, x, target, weight, step: int):
     """One step of gradient descent on a batch: forward, the weighted softmax
-    cross-entropy, backward, update. Returns the loss; ``FloatingPointError`` if it is not
-    finite."""
+    cross-entropy, backward, update. Returns the loss: a float (``FloatingPointError``,
+    before the update, if it is not finite), or on the GPU a 0-d CuPy array that is not read
+    here, since reading it waits for the GPU; :func:`fit` reads and checks it with
+    :func:`finite_loss` every ``GPU_LOSS_EVERY`` steps."""
     net.zero_grad()
     logits = net.forward(x)
     loss, grad = softmax_cross_entropy(logits, target, weight)
+    if not is_cupy_array(loss):
+        loss = finite_loss(loss, step, optimizer.lr)
+    net.backward(grad)
+    optimizer.step()
+    return loss
+
+
+def finite_loss(loss, step: int, lr: float) -> float:
+    """``loss`` of step ``step`` as a float; ``FloatingPointError`` if it is not finite."""
     loss = float(loss)
     if not math.isfinite(loss):
         raise FloatingPointError(
             f"the training loss became {loss} at step {step}; lower the learning rate "
-            f"(lr={optimizer.lr}) or check the inputs for NaN/inf")
-    net.backward(grad)
-    optimizer.step()
+            f"(lr={lr}) or check the inputs for NaN/inf")
     return loss
 
 
@@ -439,7 +449,7 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
     bar = tqdm(total=steps, initial=step, desc="training", disable=not progress,
                unit="step", dynamic_ncols=True)
     started = epoch_start = time.perf_counter()
-    epoch_losses = []
+    epoch_losses, unread = [], []  # unread: losses still on the GPU
     try:
         while step < steps:
             opt.lr = learning_rate(lr_schedule, settings["lr"], min_lr, step, steps)
@@ -448,12 +458,18 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
             loss = training_step(net, opt, x.astype(net.dtype), target,
                                  weight.astype(net.dtype), step + 1)
             step += 1
-            history.loss.append(loss)
-            epoch_losses.append(loss)
+            unread.append(loss)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
             out_of_time = max_seconds is not None and time.perf_counter() - started > max_seconds
-            if step % steps_per_epoch and step < steps and not out_of_time:
+            end_of_epoch = not (step % steps_per_epoch and step < steps and not out_of_time)
+            if end_of_epoch or len(unread) == GPU_LOSS_EVERY or not is_cupy_array(loss):
+                first = step - len(unread) + 1
+                read = [finite_loss(value, first + i, opt.lr) for i, value in enumerate(unread)]
+                history.loss += read
+                epoch_losses += read
+                unread = []
+                bar.set_postfix(loss=f"{read[-1]:.4f}")
+            if not end_of_epoch:
                 continue
             # End of an epoch: record, validate, keep the best, checkpoint.
             record = {"epoch": len(history.epochs) + 1, "step": step,

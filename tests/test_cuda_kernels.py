@@ -9,7 +9,6 @@ skipped without one). The oracles are :mod:`minunet.functional`, :mod:`minunet.l
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import numpy as np
@@ -256,6 +255,20 @@ def test_softmax_cross_entropy(device, dtype, weighted, rng):
     np.testing.assert_allclose(loss, torch_loss, rtol=1e-5 if dtype == "float32" else 1e-12)
 
 
+def test_softmax_cross_entropy_kernel_makes_unchecked_labels_nan(emulated_runner):
+    """On the GPU the host does not look at the labels (that would wait for the GPU): the
+    kernel gives a label outside [0, K) a NaN loss instead of reading outside the logits."""
+    run = emulated_runner
+    kernel = run.kernel("softmax_cross_entropy.cu", "softmax_cross_entropy", np.float64)
+    logits, weight = run.contiguous(np.zeros((1, 2, 3))), run.contiguous(np.ones((1, 3)))
+    target = run.contiguous(np.array([[1, 2, -1]], dtype=np.int32))
+    pixel_loss, grad = run.empty((1, 1, 3), np.float64), run.empty((1, 2, 3), np.float64)
+    kernel((1,), (32,), (logits, target, weight, pixel_loss, grad, np.int32(1), np.int32(2),
+                         np.int32(3), np.float64(1.0)))
+    assert pixel_loss[0, 0, 0] == pytest.approx(np.log(2))
+    assert np.isnan(pixel_loss[0, 0, 1:]).all() and np.isnan(grad[:, :, 1:]).all()
+
+
 def test_elementwise_ops_reject_bad_arguments(device, rng):
     x = rng.standard_normal((2, 3, 4))
     with pytest.raises(TypeError, match="float32 or float64"):
@@ -323,33 +336,44 @@ def test_in_place_updates_refuse_mismatched_state(device, rng):
 # --- A whole network -----------------------------------------------------------------------
 
 
-def test_unet_forward_backward_through_the_kernels(emulated_runner, monkeypatch, rng):
-    """A small U-Net whose layers call the CUDA kernels (emulated) instead of NumPy's."""
-    from minunet import UNet
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam"])
+def test_a_whole_training_step_runs_on_the_kernels(emulated_runner, monkeypatch, optimizer,
+                                                   rng):
+    """A U-Net training step as minunet runs it on the GPU, with the CUDA kernels emulated:
+    convolutions, up-convolutions, ReLU, max-pooling, the loss and the optimiser update all
+    launch kernels, and the loss and the updated weights are NumPy's."""
+    from minunet import UNet, losses, optim
+    from minunet.functional import _dispatch
 
-    net = UNet(depth=2, base_channels=4, dtype="float64", seed=5)
-    x = rng.standard_normal((2, 1, net.valid_input_size(16), net.valid_input_size(16)))
-    grad_logits = rng.standard_normal((2, 2, net.output_size(x.shape[2]), net.output_size(
-        x.shape[3])))
+    x = rng.standard_normal((2, 1, 20, 20))
+    target = rng.integers(0, 2, (2, 4, 4))
+    weight = rng.uniform(0.5, 2.0, target.shape)
 
-    def run(network):
-        network.zero_grad()  # backward accumulates into .grad
-        logits = network.forward(x)
-        grad_x = network.backward(grad_logits)
-        return logits, grad_x, [p.grad.copy() for p in network.parameters()]
+    def train_one_step():
+        net = UNet(depth=2, base_channels=4, dtype="float64", seed=5)
+        step = getattr(optim, optimizer)(net.parameters(), lr=0.1, weight_decay=0.01)
+        net.zero_grad()
+        loss, grad = losses.softmax_cross_entropy(net.forward(x), target, weight)
+        grad_x = net.backward(grad)
+        step.step()
+        return float(loss), grad_x, [p.data.copy() for p in net.parameters()]
 
-    expected = run(net)
-    for name in ("conv2d", "conv2d_backward", "conv_transpose2d", "conv_transpose2d_backward",
-                 "max_pool2d", "max_pool2d_backward"):
-        monkeypatch.setattr(F, name, functools.partial(getattr(ops, name),
-                                                       runner=emulated_runner))
-    weight_grad = f"conv2d_weight_grad_{ops.DEFAULT_ALGORITHM}"
-    before = emulated_runner.launched.get(weight_grad, 0)
-    got = run(net)
-    assert emulated_runner.launched[weight_grad] > before
-    assert_close(got[0], expected[0], "float64")
-    assert_close(got[1], expected[1], "float64")
-    for mine, oracle in zip(got[2], expected[2], strict=True):
+    expected = train_one_step()
+    # Every array now counts as a GPU array, and the GPU is the emulator.
+    monkeypatch.setattr(ops, "gpu_runner", lambda: emulated_runner)
+    monkeypatch.setattr(_dispatch, "get_array_module", lambda *arrays: "a GPU array module")
+    monkeypatch.setattr(optim, "is_cupy_array", lambda array: True)
+    before = dict(emulated_runner.launched)
+    loss, grad_x, params = train_one_step()
+    launched = {name for name, count in emulated_runner.launched.items()
+                if count > before.get(name, 0)}
+    update = "sgd_momentum_update" if optimizer == "SGD" else "adam_update"
+    assert {"relu_forward", "relu_backward", "max_pool2d_forward", "max_pool2d_backward",
+            "softmax_cross_entropy", update, "up_conv2x2_forward_pipelined",
+            "conv2d_forward_pipelined", "conv2d_weight_grad_pipelined"} <= launched
+    assert loss == pytest.approx(expected[0], rel=1e-12)
+    assert_close(grad_x, expected[1], "float64")
+    for mine, oracle in zip(params, expected[2], strict=True):
         assert_close(mine, oracle, "float64")
 
 

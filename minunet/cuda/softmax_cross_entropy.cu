@@ -37,6 +37,11 @@ extern "C" __global__ void softmax_cross_entropy(const scalar_t* __restrict__ lo
     const scalar_t log_total = log(total);
 
     const int t = target[index];
+    if (t < 0 || t >= classes) {  // a label the host did not check (that would wait for the
+        pixel_loss[index] = nan("");  // GPU): NaN, which the loss then shows, and no stray read
+        for (int k = 0; k < classes; ++k) dz[k * pixels] = nan("");
+        return;
+    }
     const scalar_t w = scale * weight[index];
     pixel_loss[index] = w * (largest + log_total - z[t * pixels]);
     for (int k = 0; k < classes; ++k) {
