@@ -86,24 +86,34 @@ def main(argv=None) -> int:
                         help="ISBI 2012 folder (isbi2012 only)")
     parser.add_argument("--threads", type=int, default=2, help="BLAS threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", help="start from the weights of this checkpoint (a second "
+                                       "stage of training) instead of a random initialisation")
+    parser.add_argument("--steps", type=int, help="override the recipe's number of steps")
+    parser.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    parser.add_argument("--stage", default="", help="suffix of the output files of this stage")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     recipe = RECIPES[args.name]
     if args.name == "isbi2012" and not Path(args.data).is_dir():
         parser.error(f"--data: ISBI 2012 folder not found at {args.data}")
     OUTPUT.mkdir(parents=True, exist_ok=True)
-    model_path = OUTPUT / f"{args.name}.npz"
+    model_path = OUTPUT / f"{args.name}{args.stage}.npz"
     if not os.access(OUTPUT, os.W_OK):
         parser.error(f"output folder {OUTPUT} is not writable")
     train, val = (isbi_data if args.name == "isbi2012" else dsb_data)(args.data)
     net = minunet.UNet(**recipe["network"], seed=args.seed)
+    if args.init:
+        net.load_state_dict(minunet.load(args.init).state_dict())
+    settings = dict(recipe["fit"])
+    settings.update({key: value for key, value in (("steps", args.steps), ("lr", args.lr))
+                     if value is not None})
     started = time.perf_counter()
     with threadpool_limits(args.threads):
         blas = [{k: info.get(k) for k in ("internal_api", "architecture", "num_threads")}
                 for info in threadpool_info()]
         history = fit(net, train, val, seed=args.seed, progress=not args.quiet,
-                      checkpoint_path=OUTPUT / f"{args.name}.checkpoint.npz",
-                      **recipe["fit"])
+                      checkpoint_path=OUTPUT / f"{args.name}{args.stage}.checkpoint.npz",
+                      **settings)
     seconds = time.perf_counter() - started
     minunet.save(net, model_path)
     log = {"name": args.name, "command": "python benchmarks/train_pretrained.py "
@@ -111,10 +121,11 @@ def main(argv=None) -> int:
            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
            "commit": git_commit(), "seed": args.seed, "threads": args.threads, "blas": blas,
            "python": platform.python_version(), "numpy": np.__version__,
-           "network": net.config, "fit": recipe["fit"], "split": recipe["split"],
+           "network": net.config, "fit": settings, "init": args.init,
+           "split": recipe["split"],
            "train_seconds": round(seconds, 1), "steps_done": len(history.loss),
            "best_epoch": history.best_epoch, "epochs": history.epochs}
-    log_path = OUTPUT / f"{args.name}.json"
+    log_path = OUTPUT / f"{args.name}{args.stage}.json"
     temporary = log_path.with_name(f".tmp-{log_path.name}")
     temporary.write_text(json.dumps(log, indent=2) + "\n")
     os.replace(temporary, log_path)
