@@ -71,11 +71,14 @@ def write_result(name: str, payload: dict) -> Path:
     return path
 
 
-def instance_scores(net, images, labels, *, tta: bool, separate: bool = True) -> dict:
-    """Mean foreground IoU, object F1 (IoU 0.5), and absolute relative count error."""
+def instance_scores(net, images, labels, *, tta: bool, separate: bool = True,
+                    min_size: int = 10) -> dict:
+    """Mean foreground IoU, object F1 (IoU 0.5), merges and splits, and absolute relative
+    count error of the cells found by ``label_instances`` (``separate``, ``min_size``)."""
     rows = []
     for image, truth in zip(images, labels, strict=True):
-        found = label_instances(predict(net, image, tta=tta), separate=separate)
+        found = label_instances(predict(net, image, tta=tta), separate=separate,
+                                min_size=min_size)
         true_count = count_objects(truth)
         rows.append({"iou": iou(found, truth), "f1": object_scores(found, truth).f1,
                      **merges_and_splits(found, truth),
@@ -129,11 +132,17 @@ def bench_dsb2018(args) -> dict:
     train_data = ([image[:, :half]], [labels[:, :half]])
     test_image, test_labels = image[:, half:], labels[:, half:]
     net, log, seconds = trained_or_loaded(args, train_data, None)
+    # a pretrained model's card may recommend a smallest cell size (chosen on training data)
+    min_size = (log.get("postprocess") or {}).get("min_size", 10)
     result = {"network": net.config, "split": "train: columns 0-255, test: columns 256-511",
-              **log,
-              "test": instance_scores(net, [test_image], [test_labels], tta=False),
-              "test_tta": instance_scores(net, [test_image], [test_labels], tta=True)}
-    for key in ("test", "test_tta"):
+              **log, "min_size": min_size}
+    for key, tta in (("test", False), ("test_tta", True)):
+        result[key] = instance_scores(net, [test_image], [test_labels], tta=tta,
+                                      min_size=min_size)
+    if min_size != 10:
+        result["test_min_size_10"] = instance_scores(net, [test_image], [test_labels],
+                                                     tta=False)
+    for key in [key for key in result if key.startswith("test")]:
         scores, row = result[key], result[key]["per_image"][0]
         print(f"dsb2018 right half {key:9s} IoU {scores['iou']:.3f}  F1 {scores['f1']:.3f}  "
               f"nuclei {row['true_count']} found {row['found_count']} "
@@ -155,7 +164,9 @@ def bench_isbi2012(args) -> dict:
     for key, tta in (("test", False), ("test_tta", True)):
         if tta and not (args.tta or args.model):
             continue
-        result[key] = isbi_scores(net, test_data, tta)
+        threshold = (log.get("postprocess") or {}).get(
+            "rand_threshold_tta" if tta else "rand_threshold")
+        result[key] = isbi_scores(net, test_data, tta, threshold)
         scores = result[key]
         for kind in ("grown", "components"):
             rand = scores[kind]
@@ -168,13 +179,15 @@ def bench_isbi2012(args) -> dict:
     return result
 
 
-def isbi_scores(net, test_data, tta: bool) -> dict:
+def isbi_scores(net, test_data, tta: bool, chosen_threshold: float | None = None) -> dict:
     """The ISBI 2012 scores of ``net`` on ``test_data``: pixel error at threshold 0.5, and
     the foreground-restricted Rand error (1 - Rand F-score) and variation of information at
     the best threshold for all slices together, for two kinds of segments (see
     :func:`minunet.metrics.threshold_segments`): ``grown`` (the thresholded components
     grown over the predicted membranes, a label for every pixel) and ``components`` (the
-    components alone; predicted-membrane pixels inside true cells count as singletons)."""
+    components alone; predicted-membrane pixels inside true cells count as singletons).
+    With ``chosen_threshold`` (chosen beforehand on validation images), the Rand error at
+    that threshold is reported too."""
     probabilities = [predict(net, image, tta=tta)[1] for image in test_data.images]
     scores = {"pixel_error": float(np.mean([
         pixel_error(p > 0.5, truth)
@@ -183,6 +196,12 @@ def isbi_scores(net, test_data, tta: bool) -> dict:
         rand = best_rand_error(probabilities, test_data.labels, grow=grow)
         scores[name] = {"rand_error": rand["rand_error"], "best_threshold": rand["threshold"],
                         "vi": rand["vi"], "rand_error_by_threshold": rand["by_threshold"]}
+        if chosen_threshold is not None:
+            at_chosen = best_rand_error(probabilities, test_data.labels, [chosen_threshold],
+                                        grow=grow)
+            scores[name]["at_validation_threshold"] = {
+                "threshold": chosen_threshold, "rand_error": at_chosen["rand_error"],
+                "vi": at_chosen["vi"]}
     return scores
 
 
@@ -192,7 +211,8 @@ def trained_or_loaded(args, train_data, val_data, **overrides):
         net = (minunet.pretrained(args.model) if args.model in minunet.list_pretrained()
                else minunet.load(args.model))
         card = minunet.model_card(args.model) if args.model in minunet.list_pretrained() else {}
-        return net, {"model": args.model, "training": card.get("training")}, 0.0
+        return net, {"model": args.model, "training": card.get("training"),
+                     "postprocess": card.get("postprocess")}, 0.0
     net = minunet.UNet(depth=args.depth, base_channels=args.base_channels, padding="same",
                        batch_norm=True, seed=args.seed)
     log, seconds = train(net, train_data, val_data, args, **overrides)

@@ -27,6 +27,7 @@ import numpy as np
 
 import minunet
 from minunet.data import load_dsb2018_nuclei, load_isbi2012
+from minunet.metrics import best_rand_error
 from minunet.zoo import MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +69,26 @@ def half_precision_check(net, name: str, data_path: str) -> tuple[float, float]:
     return float(np.abs(full_prob - half_prob).max()), float(changed)
 
 
+def recommended_postprocess(net, name: str, data_path: str) -> dict:
+    """Post-processing settings chosen on training data only. dsb2018: the smallest cell
+    kept is the smallest nucleus annotated in the training half. isbi2012: the threshold of
+    the best grown-segment Rand error on the validation slices 22-24 (with and without
+    test-time augmentation)."""
+    if name == "dsb2018":
+        labels = load_dsb2018_nuclei().labels[0][:, :256]
+        areas = np.bincount(labels.ravel())[1:]
+        return {"min_size": int(areas[areas > 0].min()),
+                "min_size_rule": "the smallest nucleus annotated in the training half"}
+    data = load_isbi2012(data_path)
+    chosen = {}
+    for key, tta in (("rand_threshold", False), ("rand_threshold_tta", True)):
+        probabilities = [minunet.predict(net, image, tta=tta)[1]
+                         for image in data.images[22:25]]
+        chosen[key] = best_rand_error(probabilities, data.labels[22:25], grow=True)["threshold"]
+    chosen["rule"] = "best grown-segment Rand error on validation slices 22-24"
+    return chosen
+
+
 def markdown_card(card: dict) -> str:
     training, scores = card["training"], card["scores"]
     lines = [f"# Model card: `{card['name']}`", "", card["task"], "",
@@ -80,11 +101,15 @@ def markdown_card(card: dict) -> str:
              f"| data and split | {training['split']} |",
              f"| command | `{training['command']}` |",
              f"| seed | {training['seed']} |",
+             *([f"| first stage | `{training['previous_stage']['command']}`, "
+                f"{training['previous_stage']['train_seconds'] / 60:.1f} min |"]
+               if "previous_stage" in training else []),
              f"| training time | {training['train_seconds'] / 60:.1f} min on "
              f"{training['threads']} CPU thread(s), {training['steps_done']} steps |",
              f"| commit | {training['commit']} |",
              f"| recipe | {json.dumps(training['fit'])} |",
              f"| chosen epoch | {training['best_epoch']} |",
+             f"| post-processing | {json.dumps(card['postprocess'])} |",
              f"| float16 storage | largest probability change {card['float16_check'][0]:.2e}, "
              f"pixels changing class {card['float16_check'][1]:.2e} |", "",
              "## Test scores", "", "```json", json.dumps(scores, indent=2), "```", ""]
@@ -95,15 +120,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name", choices=sorted(TASKS))
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "isbi2012"))
+    parser.add_argument("--stage", default="",
+                        help="ship the network of this training stage (train_pretrained --stage)")
     parser.add_argument("--tolerance", type=float, default=0.02,
                         help="largest probability change allowed by float16 storage")
     args = parser.parse_args(argv)
-    source, log_path = RUNS / f"{args.name}.npz", RUNS / f"{args.name}.json"
+    source = RUNS / f"{args.name}{args.stage}.npz"
+    log_path = RUNS / f"{args.name}{args.stage}.json"
     if not (source.is_file() and log_path.is_file()):
         parser.error(f"train it first: python benchmarks/train_pretrained.py {args.name}")
     if not os.access(MODELS, os.W_OK):
         parser.error(f"{MODELS} is not writable")
     net, training = minunet.load(source), json.loads(log_path.read_text())
+    if training.get("init"):  # a second stage: its card also tells how the first went
+        first = Path(training["init"]).with_suffix(".json")
+        training["previous_stage"] = json.loads(first.read_text())
     largest, changed = half_precision_check(net, args.name, args.data)
     print(f"float16 storage: largest probability change {largest:.2e}, "
           f"pixels changing class {changed:.2e}")
@@ -115,13 +146,14 @@ def main(argv=None) -> int:
     card = {"name": args.name, **TASKS[args.name], "network": net.config,
             "parameters": int(sum(p.data.size for p in net.parameters())),
             "file_bytes": target.stat().st_size, "float16_check": [largest, changed],
-            "training": {k: v for k, v in training.items() if k != "name"}, "scores": None}
+            "training": {k: v for k, v in training.items() if k != "name"},
+            "postprocess": recommended_postprocess(net, args.name, args.data), "scores": None}
     atomic_text(MODELS / f"{args.name}.json", json.dumps(card, indent=2) + "\n")
     extra = ["--data", args.data] if args.name == "isbi2012" else []
     bench_segmentation.main([args.name, "--model", args.name, *extra])
     results = json.loads((bench_segmentation.RESULTS
                           / f"segmentation_{args.name}_pretrained.json").read_text())
-    card["scores"] = {key: results[key] for key in ("test", "test_tta") if key in results}
+    card["scores"] = {key: value for key, value in results.items() if key.startswith("test")}
     if args.name == "isbi2012":
         card["scores"]["paper_table1_hidden_test_set"] = bench_segmentation.PAPER_ISBI
     atomic_text(MODELS / f"{args.name}.json", json.dumps(card, indent=2) + "\n")

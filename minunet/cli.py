@@ -260,6 +260,17 @@ def command_train(args) -> int:
     return 0
 
 
+def min_cell_size(args) -> int:
+    """``--min-size``, else what a pretrained model's card recommends, else 10 pixels."""
+    import minunet
+
+    if args.min_size is not None:
+        return args.min_size
+    if not Path(args.model).is_file() and args.model in minunet.list_pretrained():
+        return minunet.model_card(args.model).get("postprocess", {}).get("min_size", 10)
+    return 10
+
+
 def command_predict(args) -> int:
     from minunet.inference import predict
     from minunet.postprocess import label_instances
@@ -267,7 +278,7 @@ def command_predict(args) -> int:
     net = load_model(args.model, args.device)
     image = read_input_image(args.image, net)
     prob = predict(net, image, tile_size=args.tile_size, tta=args.tta, progress=not args.quiet)
-    labels = label_instances(prob, threshold=args.threshold)
+    labels = label_instances(prob, threshold=args.threshold, min_size=min_cell_size(args))
     write_array(args.output, prob, kind="probabilities")
     if args.labels:
         write_array(args.labels, labels, kind="labels")
@@ -287,7 +298,7 @@ def command_evaluate(args) -> int:
     rows = []
     for name, image, truth in zip(data.names, data.images, data.labels, strict=True):
         prob = predict(net, image, tile_size=args.tile_size, tta=args.tta)
-        found = label_instances(prob, threshold=args.threshold)
+        found = label_instances(prob, threshold=args.threshold, min_size=min_cell_size(args))
         rows.append({"image": name, **segmentation_report(found, truth)})
     keys = [k for k in rows[0] if k != "image"]
     mean = {"image": "mean", **{k: float(np.mean([r[k] for r in rows])) for k in keys}}
@@ -310,7 +321,7 @@ def command_count(args) -> int:
     for path in args.images:
         image = read_input_image(path, net)
         result = count_cells(image, net, threshold=args.threshold, tile_size=args.tile_size,
-                             tta=args.tta)
+                             tta=args.tta, min_size=min_cell_size(args))
         rows.append({"image": str(path), "cells": result.count})
         if args.overlay_dir:
             save_overlay(Path(args.overlay_dir) / f"{Path(path).stem}_overlay.png", image,
@@ -355,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     inference.add_argument("--tile-size", type=_positive, default=None,
                            help="edge of the output tile per forward pass (default: whole "
                                 "image at once)")
+    inference.add_argument("--min-size", type=_positive, default=None,
+                           help="smallest cell kept, in pixels (default: what a pretrained "
+                                "model's card recommends, else 10)")
     inference.add_argument("--tta", action="store_true",
                            help="average over the 8 rotations/flips (test-time augmentation)")
     inference.add_argument("--threshold", type=float, default=0.5,

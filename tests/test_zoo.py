@@ -46,3 +46,42 @@ def test_cli_accepts_a_pretrained_name(models, tmp_path, capsys):
     assert cli_main(["count", str(tmp_path / "cells.png"), "--model", "cells", "--quiet"]) == 0
     assert cli_main(["count", str(tmp_path / "cells.png"), "--model", "nope", "--quiet"]) != 0
     assert "no pretrained model of that name (pretrained: cells" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["dsb2018"])
+def test_shipped_model_equals_the_same_weights_in_pytorch(name):
+    """Each shipped file loads into a network that computes what PyTorch computes with its
+    weights, and predicts a 512x512 image with no other argument."""
+    import torch
+
+    from minunet.serialization import to_torch_state_dict
+    from minunet.torch_reference import TorchUNet
+
+    if name not in minunet.list_pretrained():
+        pytest.fail(f"the pretrained model {name} is not shipped")
+    net = minunet.pretrained(name)
+    card = minunet.model_card(name)
+    assert card["network"] == net.config and card["scores"]
+    config = {k: v for k, v in net.config.items() if k not in ("dtype", "seed")}
+    reference = TorchUNet(**config).double().eval()
+    reference.load_state_dict({k: v.double() if v.is_floating_point() else v
+                               for k, v in to_torch_state_dict(net).items()})
+    x = np.random.default_rng(0).random((1, 1, 96, 96))
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(net(x.astype(np.float32)), expected, rtol=1e-3, atol=1e-3)
+    prob = minunet.predict(net, np.random.default_rng(1).random((512, 512)))
+    assert prob.shape == (2, 512, 512)
+    np.testing.assert_allclose(prob.sum(axis=0), 1, atol=1e-5)
+
+
+def test_cli_uses_the_cards_smallest_cell(models, monkeypatch):
+    import argparse
+
+    from minunet.cli import min_cell_size
+
+    card = {"name": "cells", "scores": {}, "postprocess": {"min_size": 24}}
+    (zoo.MODELS / "cells.json").write_text(json.dumps(card))
+    args = argparse.Namespace(model="cells", min_size=None)
+    assert min_cell_size(args) == 24
+    assert min_cell_size(argparse.Namespace(model="cells", min_size=5)) == 5
