@@ -100,6 +100,7 @@ def main(argv=None) -> int:
     model_path = OUTPUT / f"{args.name}{args.stage}.npz"
     if not os.access(OUTPUT, os.W_OK):
         parser.error(f"output folder {OUTPUT} is not writable")
+    commit = git_commit()  # the code that trains, before anything changes under the run
     train, val = (isbi_data if args.name == "isbi2012" else dsb_data)(args.data)
     net = minunet.UNet(**recipe["network"], seed=args.seed)
     if args.init:
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     log = {"name": args.name, "command": "python benchmarks/train_pretrained.py "
                                          + " ".join(argv if argv is not None else sys.argv[1:]),
            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-           "commit": git_commit(), "seed": args.seed, "threads": args.threads, "blas": blas,
+           "commit": commit, "seed": args.seed, "threads": args.threads, "blas": blas,
            "python": platform.python_version(), "numpy": np.__version__,
            "network": net.config, "fit": settings, "init": args.init,
            "split": recipe["split"],
