@@ -45,7 +45,7 @@ RECIPES = {
                 "weight_maps": False, "class_weights": (1.0, 1.0), "border_width": 0,
                 "elastic_std": 10.0, "keep_best": "pixel_error"},
         "split": "train: slices 0-21, validation (epoch choice): slices 22-24, "
-                 "test: slices 25-29 (not used here)",
+                 "test: slices 25-29",
     },
     "dsb2018": {
         "network": {"depth": 4, "base_channels": 24, "padding": "same", "batch_norm": True},
@@ -53,8 +53,7 @@ RECIPES = {
                 "optimizer": "adam", "lr": 1e-3, "lr_schedule": "cosine", "min_lr": 1e-5,
                 "weight_maps": False, "class_weights": (1.0, 1.0), "border_width": 1,
                 "elastic_std": 10.0},
-        "split": "train: columns 0-255 of the stardist DSB 2018 image, test: columns 256-511 "
-                 "(not used here)",
+        "split": "train: columns 0-255 of the stardist DSB 2018 image, test: columns 256-511",
     },
 }
 
