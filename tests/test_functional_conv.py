@@ -205,6 +205,29 @@ def test_banded_im2col_matches_torch(seed, budget_rows, monkeypatch):
                         grads)
 
 
+@pytest.mark.parametrize("block_pixels", [1, 7, 64])
+@pytest.mark.parametrize("seed", range(420, 428))
+def test_small_blocks_match_torch(seed, block_pixels, monkeypatch):
+    """Force the block-wise paths on small images: several blocks per image (shifted
+    products, gradient columns, row bands), several images per block, and single rows."""
+    import minunet.functional.conv as conv_module
+
+    monkeypatch.setattr(conv_module, "BLOCK_PIXELS", block_pixels)
+    x, weight, bias, kwargs, torch_padding = random_conv_case(seed, small=False)
+    kwargs["stride"] = (1, 1)  # the shifted products and gradient columns need stride 1
+    torch_out, grad_out, grads = torch_forward_backward(
+        F.conv2d, x, weight, bias, seed, **{**kwargs, "padding": torch_padding}
+    )
+    check_against_torch(*FAST, np.float64, x, weight, bias, kwargs, torch_out, grad_out, grads)
+
+    x, weight, bias, kwargs = random_conv_transpose_case(seed, small=False)
+    torch_out, grad_out, grads = torch_forward_backward(
+        F.conv_transpose2d, x, weight, bias, seed, **kwargs
+    )
+    check_against_torch(*FAST_T, np.float64, x, weight, bias, kwargs, torch_out, grad_out,
+                        grads)
+
+
 # --- The U-Net's own shapes -----------------------------------------------------------------
 
 

@@ -30,11 +30,11 @@ from minunet.functional._dispatch import dispatch_on_array_type
 from minunet.functional._validate import ConvGeometry, check_grad_out, conv2d_arguments
 from minunet.functional.im2col import (
     col2im,
+    column_blocks,
     crop2d,
     im2col,
     pad2d,
     receptive_field,
-    row_bands,
 )
 
 # --- Reference kernels: loops that read like the equations ---------------------------------
@@ -94,11 +94,18 @@ def conv2d_backward_reference(grad_out, x, weight, stride=1, padding=0, dilation
 
 
 # --- Fast kernels: im2col + one matrix product ---------------------------------------------
-
-
-# im2col of a large image is built one band of output rows at a time, in one reused buffer of
-# this size: the memory stays bounded, and (measured on the U-Net's first and last levels) the
-# smaller working set makes the convolution faster, not slower.
+#
+# For one image the forward pass is ``weight (C_out, K) @ im2col(x) (K, L)``, and the kernels
+# below compute exactly that, with one option to keep the memory bounded: the column matrix
+# is kH*kW times larger than the input (for the paper's first 3x3 layers, 64*9 rows by
+# 570*570 columns, 750 MB), so it is never built whole. It is built one *block* of output
+# pixels at a time, in one reused buffer, and multiplied block by block. A block holds about
+# BLOCK_PIXELS output pixels: whole output rows of one image, or several whole images when
+# the images are small (the deep levels' 8x8 maps), so that every product is wide enough to
+# run at full speed; and never more than COLUMN_BUDGET_BYTES of columns, whatever the image.
+# Measured on the U-Net's layers, blocks of about a thousand pixels are also the fastest
+# choice: their columns are still in the CPU's cache when the product reads them.
+BLOCK_PIXELS = 1024
 COLUMN_BUDGET_BYTES = 64 * 2**20
 
 
@@ -112,21 +119,42 @@ def _is_pointwise(geometry: ConvGeometry) -> bool:
     return one_by_one and geometry.in_hw == geometry.out_hw
 
 
-def _banded_columns(x, geometry: ConvGeometry):
-    """im2col of x (N, C, H, W), one image and one band of output rows at a time.
+def _as_columns(block):
+    """(n, C, R, W) -> (C, n*R*W): one column per pixel, ordered (image, row, column) as the
+    columns of a block. A view for one image, a copy for several."""
+    return block.swapaxes(0, 1).reshape(block.shape[1], -1)
 
-    Yields ``(n, output rows, cols)`` with cols (C*kH*kW, rows*W_out). Each band's columns
-    overwrite the previous band's: use them before asking for the next.
+
+def _matmul_into(a, b, out):
+    """``out`` (n, M, R, W) = a (M, K) @ b (K, n*R*W), b's columns ordered as
+    :func:`_as_columns`. For one image the product is written straight into ``out``."""
+    if out.shape[0] == 1:
+        np.matmul(a, b, out=out[0].reshape(out.shape[1], -1))
+    else:
+        out[...] = (a @ b).reshape(out.shape[1], out.shape[0], *out.shape[2:]).swapaxes(0, 1)
+
+
+def _column_blocks(x, geometry: ConvGeometry):
+    """im2col of x (N, C, H, W), one block at a time.
+
+    Yields ``(images, rows, cols)``: the slices of the output that the block covers and its
+    columns (C*kH*kW, n_images*rows*W_out), ordered as :func:`_as_columns`. Each block's
+    columns overwrite the previous block's: use them before asking for the next.
     """
     if _is_pointwise(geometry):
         for n in range(x.shape[0]):
-            yield n, slice(None), x[n].reshape(x.shape[1], -1)
+            yield slice(n, n + 1), slice(None), x[n].reshape(x.shape[1], -1)
         return
     x_pad = pad2d(x, geometry.padding)
-    bands, buffer = row_bands(geometry, x.shape[1], x.dtype, COLUMN_BUDGET_BYTES)
-    for n in range(x.shape[0]):
-        for out_rows, in_rows, band in bands:
-            yield n, out_rows, im2col(x_pad[n : n + 1, :, in_rows], band, buffer)[0]
+    blocks, buffer = column_blocks(
+        geometry, x.shape[0], x.shape[1], x.dtype, BLOCK_PIXELS, COLUMN_BUDGET_BYTES
+    )
+    rows_per_column = x.shape[1] * math.prod(geometry.kernel_size)
+    for images, out_rows, in_rows, block in blocks:
+        count, pixels = images.stop - images.start, math.prod(block.out_hw)
+        cols = buffer[: rows_per_column * count * pixels].reshape(rows_per_column, count, pixels)
+        im2col(x_pad[images, :, in_rows], block, out=cols.transpose(1, 0, 2))
+        yield images, out_rows, cols.reshape(rows_per_column, -1)
 
 
 def _correlate(x, weight, geometry: ConvGeometry):
@@ -135,8 +163,68 @@ def _correlate(x, weight, geometry: ConvGeometry):
     c_out = weight.shape[0]
     weight_matrix = weight.reshape(c_out, -1)
     out = np.empty((x.shape[0], c_out, *geometry.out_hw), dtype=x.dtype)
-    for n, rows, cols in _banded_columns(x, geometry):
-        out[n, :, rows] = (weight_matrix @ cols).reshape(c_out, -1, geometry.out_hw[1])
+    for images, rows, cols in _column_blocks(x, geometry):
+        _matmul_into(weight_matrix, cols, out[images, :, rows])
+    return out
+
+
+def _shifted_products_pay(x, weight, geometry: ConvGeometry) -> bool:
+    """Whether :func:`_correlate_by_shifted_products` beats im2col for this convolution.
+
+    It needs stride 1. It replaces kH*kW copies of the C_in input channels (im2col) by
+    kH*kW - 1 additions over the C_out output channels, so it pays where C_out <= C_in, and
+    where an image fills at least one block (smaller images are better served by im2col,
+    which puts several of them in one product).
+    """
+    return (
+        geometry.stride == (1, 1)
+        and weight.shape[0] <= x.shape[1]
+        and math.prod(geometry.out_hw) >= BLOCK_PIXELS
+    )
+
+
+def _correlate_by_shifted_products(x, weight, geometry: ConvGeometry):
+    """A stride-1 convolution as kH*kW shifted products over the flattened padded input.
+
+    Flatten each padded image row by row: x_flat (C_in, H_pad*W_pad). Tap (a, b) of output
+    pixel (i, j) reads flat position ``(i*W_pad + j) + (a*d_h*W_pad + b*d_w)``: the same
+    shift for every pixel. Computing the output on rows of W_pad pixels (the last
+    W_pad - W_out of each are junk, dropped at the end),
+
+        out_wide (C_out, H_out*W_pad) = sum_{a,b} weight[:, :, a, b] (C_out, C_in)
+                                            @ x_flat[:, shift(a, b) : shift(a, b) + H_out*W_pad]
+
+    and every term reads a *view* of x_flat: no column matrix is built. The sum runs over
+    blocks of output rows so that the partial sums stay in cache.
+    """
+    (kh, kw), (dh, dw) = geometry.kernel_size, geometry.dilation
+    (h_out, w_out), (h_pad, w_pad) = geometry.out_hw, geometry.padded_hw
+    (top, _), (left, _) = geometry.padding
+    batch, c_in, h, w = x.shape
+    c_out = weight.shape[0]
+    # (kw - 1)*d_w zeros after the last row: the last tap's view runs past it by that much.
+    x_flat = np.zeros((batch, c_in, h_pad * w_pad + (kw - 1) * dw), dtype=x.dtype)
+    x_padded = x_flat[:, :, : h_pad * w_pad].reshape(batch, c_in, h_pad, w_pad)
+    x_padded[:, :, top : top + h, left : left + w] = x
+    tap_weights = np.ascontiguousarray(weight.transpose(2, 3, 0, 1))  # (kH, kW, C_out, C_in)
+    out = np.empty((batch, c_out, h_out, w_out), dtype=x.dtype)
+    rows = max(1, BLOCK_PIXELS // w_pad)
+    partial_sum = np.empty((c_out, rows * w_pad), dtype=x.dtype)
+    term = np.empty_like(partial_sum)
+    for n in range(batch):
+        for start in range(0, h_out, rows):
+            stop = min(start + rows, h_out)
+            width = (stop - start) * w_pad
+            for a in range(kh):
+                for b in range(kw):
+                    shift = (start + a * dh) * w_pad + b * dw
+                    first = a == 0 and b == 0
+                    product = partial_sum[:, :width] if first else term[:, :width]
+                    np.matmul(tap_weights[a, b], x_flat[n, :, shift : shift + width], out=product)
+                    if not first:
+                        partial_sum[:, :width] += product
+            wide = partial_sum[:, :width].reshape(c_out, stop - start, w_pad)
+            out[n, :, start:stop] = wide[:, :, :w_out]
     return out
 
 
@@ -148,15 +236,16 @@ def _weight_gradient(grad_out, x, geometry: ConvGeometry):
     """
     c_out = grad_out.shape[1]
     transposed = np.zeros((x.shape[1] * math.prod(geometry.kernel_size), c_out), x.dtype)
-    for n, rows, cols in _banded_columns(x, geometry):
-        transposed += cols @ grad_out[n, :, rows].reshape(c_out, -1).T
+    for images, rows, cols in _column_blocks(x, geometry):
+        transposed += cols @ _as_columns(grad_out[images, :, rows]).T
     return transposed.T.reshape(c_out, x.shape[1], *geometry.kernel_size)
 
 
 def _input_gradient(grad_out, weight, geometry: ConvGeometry):
     """grad_x (N, C_in, H, W) = col2im(weight.T (K, C_out) @ grad_out (C_out, L)).
 
-    This one function is both the input gradient of :func:`conv2d` and the forward pass of
+    This one function is both the input gradient of :func:`conv2d` (where
+    :func:`_gradients_from_gradient_columns` does not apply) and the forward pass of
     :func:`~minunet.functional.conv_transpose2d`.
     """
     batch, c_out = grad_out.shape[:2]
@@ -166,16 +255,65 @@ def _input_gradient(grad_out, weight, geometry: ConvGeometry):
         grad_x = np.matmul(weight_matrix_t, grad_out.reshape(batch, c_out, -1))
         return grad_x.reshape(batch, c_in, *geometry.in_hw)
     grad_x_pad = np.zeros((batch, c_in, *geometry.padded_hw), dtype=grad_out.dtype)
-    bands, buffer = row_bands(geometry, c_in, grad_out.dtype, COLUMN_BUDGET_BYTES)
-    for n in range(batch):
-        for out_rows, in_rows, band in bands:
-            band_grad = grad_out[n, :, out_rows].reshape(c_out, -1)
-            grad_cols = buffer[: weight_matrix_t.shape[0] * band_grad.shape[1]].reshape(
-                weight_matrix_t.shape[0], band_grad.shape[1]
-            )
-            np.matmul(weight_matrix_t, band_grad, out=grad_cols)
-            col2im(grad_cols[None], band, out=grad_x_pad[n : n + 1, :, in_rows])
+    blocks, buffer = column_blocks(
+        geometry, batch, c_in, grad_out.dtype, BLOCK_PIXELS, COLUMN_BUDGET_BYTES
+    )
+    rows_per_column = weight_matrix_t.shape[0]
+    for images, out_rows, in_rows, block in blocks:
+        count, pixels = images.stop - images.start, math.prod(block.out_hw)
+        grad_cols = buffer[: rows_per_column * count * pixels].reshape(rows_per_column, -1)
+        np.matmul(weight_matrix_t, _as_columns(grad_out[images, :, out_rows]), out=grad_cols)
+        col2im(grad_cols.reshape(rows_per_column, count, pixels).transpose(1, 0, 2), block,
+               out=grad_x_pad[images, :, in_rows])
     return crop2d(grad_x_pad, geometry)
+
+
+def _gradient_geometry(geometry: ConvGeometry) -> ConvGeometry | None:
+    """The geometry of the "full" correlation that carries grad_out back onto the input grid.
+
+    For stride 1, padding grad_out (H_out, W_out) by ``d*(k-1) - p`` on each side makes its
+    correlation with the flipped kernel land exactly on the input (H, W). Returns None where
+    the stride is not 1 or that padding would be negative (a convolution padded by more than
+    ``d*(k-1)``).
+    """
+    if geometry.stride != (1, 1):
+        return None
+    padding = tuple(
+        (d * (k - 1) - before, d * (k - 1) - after)
+        for k, d, (before, after) in zip(
+            geometry.kernel_size, geometry.dilation, geometry.padding, strict=True
+        )
+    )
+    if min(min(side) for side in padding) < 0:
+        return None
+    return geometry._replace(padding=padding, in_hw=geometry.out_hw, out_hw=geometry.in_hw)
+
+
+def _gradients_from_gradient_columns(grad_out, x, weight, geometry: ConvGeometry):
+    """(grad_x, grad_weight) of a stride-1 convolution from one im2col of grad_out.
+
+    ``gcols = im2col(grad_out padded by d*(k-1) - p)`` has rows (o, a', b') and one column
+    per *input* pixel q, holding ``grad_out[o, q - tap(a', b')]`` (zero outside). Both
+    gradients are then single products with the same columns:
+
+        grad_x[n]  (C_in, L_in)          = flip(weight).T (C_in, C_out*kH*kW) @ gcols[n]
+        grad_w'    (C_out*kH*kW, C_in)   = sum_n gcols[n] @ x[n].T (L_in, C_in)
+
+    where ``flip`` turns the kernel by 180 degrees and ``grad_w'`` is the weight gradient
+    with its kernel flipped too. The input gradient is a convolution of grad_out with the
+    flipped kernel (no col2im, whose scattered additions are slow), and the weight gradient
+    reads ``x`` itself instead of a second im2col of it.
+    """
+    c_out, c_in, kh, kw = weight.shape
+    flipped_t = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
+    flipped_matrix_t = np.ascontiguousarray(flipped_t).reshape(c_in, -1)
+    grad_x = np.empty_like(x)
+    grad_w_flipped = np.zeros((c_out * kh * kw, c_in), dtype=x.dtype)
+    for images, rows, gcols in _column_blocks(grad_out, _gradient_geometry(geometry)):
+        _matmul_into(flipped_matrix_t, gcols, grad_x[images, :, rows])
+        grad_w_flipped += gcols @ _as_columns(x[images, :, rows]).T
+    grad_w = grad_w_flipped.reshape(c_out, kh, kw, c_in)[:, ::-1, ::-1].transpose(0, 3, 1, 2)
+    return grad_x, np.ascontiguousarray(grad_w)
 
 
 @dispatch_on_array_type
@@ -199,7 +337,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1):
                       + sum_{c, a, b} weight[o, c, a, b] * x_pad[n, c, i*s_h + a*d_h, j*s_w + b*d_w]
     """
     geometry = conv2d_arguments(x, weight, bias, stride, padding, dilation)
-    out = _correlate(x, weight, geometry)
+    if _shifted_products_pay(x, weight, geometry):
+        out = _correlate_by_shifted_products(x, weight, geometry)
+    else:
+        out = _correlate(x, weight, geometry)
     if bias is not None:
         out += bias[:, None, None]
     return out
@@ -218,8 +359,9 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1):
     """
     geometry = conv2d_arguments(x, weight, None, stride, padding, dilation)
     check_grad_out(grad_out, (x.shape[0], weight.shape[0], *geometry.out_hw), x)
-    return (
-        _input_gradient(grad_out, weight, geometry),
-        _weight_gradient(grad_out, x, geometry),
-        grad_out.sum(axis=(0, 2, 3)),
-    )
+    if _gradient_geometry(geometry) is not None and weight.shape[0] <= 2 * weight.shape[1]:
+        grad_x, grad_weight = _gradients_from_gradient_columns(grad_out, x, weight, geometry)
+    else:
+        grad_x = _input_gradient(grad_out, weight, geometry)
+        grad_weight = _weight_gradient(grad_out, x, geometry)
+    return grad_x, grad_weight, grad_out.sum(axis=(0, 2, 3))

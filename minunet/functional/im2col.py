@@ -63,23 +63,22 @@ def crop2d(x_padded, geometry: ConvGeometry):
     return np.ascontiguousarray(x_padded[:, :, top : top + h, left : left + w])
 
 
-def im2col(x_padded, geometry: ConvGeometry, buffer=None):
+def im2col(x_padded, geometry: ConvGeometry, out=None):
     """(N, C, H_pad, W_pad) -> cols (N, C*kH*kW, H_out*W_out), one contiguous copy.
 
-    ``buffer``, a flat array of the same dtype with at least as many entries, receives the
-    columns instead of fresh memory (so that big column matrices can reuse one allocation).
+    ``out``, an (N, C*kH*kW, H_out*W_out) array whose last axis is contiguous (a view into a
+    reused buffer, possibly with its first two axes swapped), receives the columns instead
+    of fresh memory.
     """
     n, c = x_padded.shape[:2]
     (kh, kw), (h_out, w_out) = geometry.kernel_size, geometry.out_hw
-    shape = (n, c, kh, kw, h_out, w_out)
-    if buffer is None:
-        cols = np.empty(shape, dtype=x_padded.dtype)
-    else:
-        cols = buffer[: math.prod(shape)].reshape(shape)
+    if out is None:
+        out = np.empty((n, c * kh * kw, h_out * w_out), dtype=x_padded.dtype)
+    cols = out.reshape(n, c, kh, kw, h_out, w_out)  # splitting axes: always a view
     for a in range(kh):
         for b in range(kw):
             cols[:, :, a, b] = tap(x_padded, a, b, geometry)
-    return cols.reshape(n, c * kh * kw, h_out * w_out)
+    return out
 
 
 def col2im(cols, geometry: ConvGeometry, out=None):
@@ -100,27 +99,35 @@ def col2im(cols, geometry: ConvGeometry, out=None):
     return out
 
 
-def row_bands(geometry: ConvGeometry, channels: int, dtype, budget_bytes: int):
-    """Split the output rows into bands whose column matrix (C*kH*kW, rows*W_out) takes at
-    most ``budget_bytes`` (but at least one row), so that im2col of a large image never
-    needs more memory than that.
+def column_blocks(geometry: ConvGeometry, batch: int, channels: int, dtype,
+                  block_pixels: int, budget_bytes: int):
+    """Split the output pixels into blocks for im2col: whole images when an image has fewer
+    than ``block_pixels`` output pixels, else bands of whole output rows.
 
-    Returns ``(bands, buffer)``: a list of ``(output rows, padded-input rows, band
-    geometry)`` (slices, and the geometry of the band as seen by :func:`im2col` and
+    A block holds about ``block_pixels`` output pixels (so its column matrix is wide enough
+    for a fast matrix product), but never more than ``budget_bytes`` of columns
+    (``C*kH*kW`` rows), and at least one row.
+
+    Returns ``(blocks, buffer)``: a list of ``(images, output rows, padded-input rows, block
+    geometry)`` (slices, and the geometry of the block as seen by :func:`im2col` and
     :func:`col2im`: only its kernel, stride, dilation and ``out_hw`` are meaningful), and a
-    flat scratch array that holds the columns of any one band.
+    flat scratch array that holds the columns of any one block.
     """
     (kh, kw), (h_out, w_out) = geometry.kernel_size, geometry.out_hw
-    row_entries = channels * kh * kw * w_out
-    rows = max(1, min(h_out, budget_bytes // (row_entries * np.dtype(dtype).itemsize)))
-    bands = []
-    for start in range(0, h_out, rows):
-        stop = min(start + rows, h_out)
-        first_rows, _ = receptive_field(start, 0, geometry)
-        last_rows, _ = receptive_field(stop - 1, 0, geometry)
-        bands.append((
-            slice(start, stop),
-            slice(first_rows.start, last_rows.stop),
-            geometry._replace(out_hw=(stop - start, w_out)),
-        ))
-    return bands, np.empty(rows * row_entries, dtype=dtype)
+    column_bytes = channels * kh * kw * np.dtype(dtype).itemsize
+    pixels = min(block_pixels, budget_bytes // column_bytes)
+    images = max(1, min(batch, pixels // (h_out * w_out)))
+    rows = max(1, min(h_out, pixels // w_out))
+    blocks = []
+    for first_image in range(0, batch, images):
+        for start in range(0, h_out, rows):
+            stop = min(start + rows, h_out)
+            first_rows, _ = receptive_field(start, 0, geometry)
+            last_rows, _ = receptive_field(stop - 1, 0, geometry)
+            blocks.append((
+                slice(first_image, min(first_image + images, batch)),
+                slice(start, stop),
+                slice(first_rows.start, last_rows.stop),
+                geometry._replace(out_hw=(stop - start, w_out)),
+            ))
+    return blocks, np.empty(images * rows * w_out * channels * kh * kw, dtype=dtype)
