@@ -8,8 +8,8 @@ and "convolution" means cross-correlation (the kernel is not flipped):
 
     H_out = floor((H + p_top + p_bottom - d_h*(kH - 1) - 1) / s_h) + 1     (likewise W_out)
 
-The fast kernels are three matrix products around :func:`~minunet.functional.im2col.im2col`
-(with ``K = C_in*kH*kW`` and ``L = H_out*W_out``):
+The fast kernels are matrix products around :func:`~minunet.functional.im2col.im2col`
+(with ``K = C_in*kH*kW`` and ``L = H_out*W_out``, for each image):
 
 * forward:         out    (C_out, L) = weight (C_out, K) @ cols (K, L)
 * weight gradient: grad_w (C_out, K) = grad_out (C_out, L) @ cols.T (L, K)      (summed over n)
@@ -18,6 +18,13 @@ The fast kernels are three matrix products around :func:`~minunet.functional.im2
 The input gradient *is* the transposed convolution: :mod:`~minunet.functional.conv_transpose`
 is built from the very same three private kernels (:func:`_correlate`,
 :func:`_weight_gradient`, :func:`_input_gradient`) with the roles of the arrays exchanged.
+
+Two faster routes serve the stride-1 convolutions of a U-Net, each explained where it is
+defined: the backward pass from one im2col of grad_out
+(:func:`_gradients_from_gradient_columns`), and a forward pass of shifted products over
+the flattened padded image that builds no column matrix
+(:func:`_correlate_by_shifted_products`). Column matrices are built block by block, so the
+memory stays bounded (see ``BLOCK_PIXELS``).
 """
 
 from __future__ import annotations
@@ -359,6 +366,8 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1):
     """
     geometry = conv2d_arguments(x, weight, None, stride, padding, dilation)
     check_grad_out(grad_out, (x.shape[0], weight.shape[0], *geometry.out_hw), x)
+    # The columns of grad_out have C_out*kH*kW rows, those of x C_in*kH*kW: col2im and the
+    # second im2col it saves cost about as much as columns of up to twice as many channels.
     if _gradient_geometry(geometry) is not None and weight.shape[0] <= 2 * weight.shape[1]:
         grad_x, grad_weight = _gradients_from_gradient_columns(grad_out, x, weight, geometry)
     else:
