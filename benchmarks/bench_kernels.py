@@ -1,12 +1,15 @@
 """Time minunet's fast NumPy kernels against torch.nn.functional on the CPU.
 
-Every distinct convolution, up-convolution and max-pool of a valid-padding U-Net is timed,
-forward and backward (all input, weight and bias gradients), in float32, one image at a
-time, with the same number of threads for NumPy's BLAS and for PyTorch, in one process.
-Each number is the best of ``--repeats`` runs. The table gives ``minunet / torch`` ratios;
-the results go to ``benchmarks/results/kernels_cpu.json``.
+Every distinct convolution, up-convolution and max-pool of a U-Net is timed, forward and
+backward (all input, weight and bias gradients), in float32, with the same number of threads
+for NumPy's BLAS and for PyTorch, in one process. The U-Nets: the paper's (valid padding,
+one 572x572 tile), a small one, and depth 5 with 32 base channels on a batch of four 128x128
+tiles with same padding. Each number is the median of at least ``--repeats`` runs. The table gives
+``minunet / torch`` ratios; the results go to ``benchmarks/results/kernels_cpu.json``, with
+the OpenBLAS kernel that ran (threadpoolctl) and the GFLOP/s of a large float32 matrix
+product (sgemm), the practical peak of this machine for the convolutions.
 
-    python benchmarks/bench_kernels.py                       # both U-Nets
+    python benchmarks/bench_kernels.py                       # all U-Nets
     python benchmarks/bench_kernels.py --configs small --repeats 5
 """
 
@@ -15,8 +18,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,41 +36,72 @@ import minunet
 import minunet.functional as mf
 from minunet.shapes import unet_output_size
 
-CONFIGS = {  # name: (input edge, depth, base channels)
-    "paper": (572, 5, 64),  # Ronneberger et al. (2015), Fig. 1
-    "small": (188, 5, 16),
+CONFIGS = {  # name: (input edge, depth, base channels, batch, padding)
+    "paper": (572, 5, 64, 1, "valid"),  # Ronneberger et al. (2015), Fig. 1
+    "small": (188, 5, 16, 1, "valid"),
+    "same_batch4": (128, 5, 32, 4, "same"),
 }
 RESULTS = Path(__file__).parent / "results" / "kernels_cpu.json"
 OUTLIER_RATIO, RETRIES = 3.0, 2  # layers timed outside [1/3, 3] x torch are timed again
 SLOW_OPENBLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
-def unet_layers(size, depth, base, in_channels=1, classes=2):
-    """The kernels of a valid-padding U-Net in forward order:
+def unet_layers(size, depth, base, batch=1, padding="valid", in_channels=1, classes=2):
+    """The kernels of a U-Net in forward order:
     ``(name, kind, input shape, weight shape or None, kwargs)``."""
     layers, channels = [], in_channels
+    conv = {"padding": padding}
+    shrink = 2 if padding == "valid" else 0  # per 3x3 convolution
     for level in range(1, depth + 1):  # contracting path and bottom
         width = base * 2 ** (level - 1)
         for k in (1, 2):
-            layers.append((f"down{level} conv3x3 #{k}", "conv", (1, channels, size, size),
-                           (width, channels, 3, 3), {}))
-            channels, size = width, size - 2
+            layers.append((f"down{level} conv3x3 #{k}", "conv", (batch, channels, size, size),
+                           (width, channels, 3, 3), conv))
+            channels, size = width, size - shrink
         if level < depth:
-            layers.append((f"down{level} maxpool2x2", "pool", (1, channels, size, size), None,
-                           {"kernel_size": 2}))
+            layers.append((f"down{level} maxpool2x2", "pool", (batch, channels, size, size),
+                           None, {"kernel_size": 2}))
             size //= 2
     for level in range(depth - 1, 0, -1):  # expanding path
         width = base * 2 ** (level - 1)
-        layers.append((f"up{level} upconv2x2", "upconv", (1, channels, size, size),
+        layers.append((f"up{level} upconv2x2", "upconv", (batch, channels, size, size),
                        (channels, width, 2, 2), {"stride": 2}))
         channels, size = 2 * width, 2 * size  # concatenated with the cropped skip connection
         for k in (1, 2):
-            layers.append((f"up{level} conv3x3 #{k}", "conv", (1, channels, size, size),
-                           (width, channels, 3, 3), {}))
-            channels, size = width, size - 2
-    layers.append(("final conv1x1", "conv", (1, channels, size, size),
+            layers.append((f"up{level} conv3x3 #{k}", "conv", (batch, channels, size, size),
+                           (width, channels, 3, 3), conv))
+            channels, size = width, size - shrink
+    layers.append(("final conv1x1", "conv", (batch, channels, size, size),
                    (classes, channels, 1, 1), {}))
     return layers, size
+
+
+def layer_gflop(kind, x_shape, weight_shape, padding) -> float | None:
+    """GFLOP of one forward pass of a convolution (2 x multiply-adds); the backward pass
+    does twice as many (input and weight gradients). None for a max-pool."""
+    if weight_shape is None:
+        return None
+    n, _, h, w = x_shape
+    if kind == "upconv":  # every input pixel meets every weight once
+        return 2 * n * h * w * math.prod(weight_shape) / 1e9
+    c_out, c_in, kh, kw = weight_shape
+    if padding != "same":  # stride 1, no padding
+        h, w = h - kh + 1, w - kw + 1
+    return 2 * n * h * w * c_out * c_in * kh * kw / 1e9
+
+
+def sgemm_peak_gflops(size=2048, repeats=5) -> float:
+    """GFLOP/s of the best of ``repeats`` float32 (size x size) @ (size x size) products."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    out = np.empty_like(a)
+    np.matmul(a, b, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
 
 
 OURS = {
@@ -74,8 +111,8 @@ OURS = {
 THEIRS = {"conv": F.conv2d, "upconv": F.conv_transpose2d, "pool": F.max_pool2d}
 
 
-def best_times(functions, repeats, min_seconds=0.25, max_calls=100, passes=2):
-    """Best wall-clock time of each function in milliseconds.
+def timed_calls(functions, repeats, min_seconds=0.25, max_calls=100, passes=2):
+    """Wall-clock times of calls of each function in milliseconds (one list per function).
 
     Each function runs in a block of consecutive calls (one warm-up, then at least
     ``repeats`` and more, up to ``max_calls``, until ``min_seconds`` have passed): a block
@@ -83,9 +120,9 @@ def best_times(functions, repeats, min_seconds=0.25, max_calls=100, passes=2):
     library's threads, which may still be spinning after their own call. The blocks repeat
     ``passes`` times in turn, so that a busy spell of the machine does not hit only one.
     """
-    best = [float("inf")] * len(functions)
+    times = [[] for _ in functions]
     for _ in range(passes):
-        for k, function in enumerate(functions):
+        for function, function_times in zip(functions, times, strict=True):
             function()
             started, calls = time.perf_counter(), 0
             while calls < repeats or (
@@ -93,9 +130,9 @@ def best_times(functions, repeats, min_seconds=0.25, max_calls=100, passes=2):
             ):
                 start = time.perf_counter()
                 function()
-                best[k] = min(best[k], time.perf_counter() - start)
+                function_times.append(1e3 * (time.perf_counter() - start))
                 calls += 1
-    return [1e3 * b for b in best]
+    return times
 
 
 def minunet_calls(kind, x, weight, bias, kwargs):
@@ -121,6 +158,18 @@ def torch_calls(kind, x, weight, bias, kwargs):
             lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True))
 
 
+def blas_description():
+    """Which BLAS NumPy calls, with the kernel (OpenBLAS's core type) it chose, from
+    threadpoolctl; None when threadpoolctl is missing."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    return [{key: pool.get(key) for key in ("internal_api", "version", "architecture",
+                                             "num_threads")}
+            for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
 def equalise_threads(threads=None):
     """Give PyTorch as many threads as NumPy's BLAS has (both ``threads`` if given);
     return the (blas, torch) thread counts."""
@@ -140,9 +189,10 @@ def equalise_threads(threads=None):
 
 
 def run_config(name, repeats, rng):
-    size, depth, base = CONFIGS[name]
-    layers, out_size = unet_layers(size, depth, base)
-    assert out_size == unet_output_size(size, depth), "layer list disagrees with minunet.shapes"
+    size, depth, base, batch, padding = CONFIGS[name]
+    layers, out_size = unet_layers(size, depth, base, batch, padding)
+    assert out_size == unet_output_size(size, depth, padding=padding), (
+        "layer list disagrees with minunet.shapes")
     rows = []
     for layer, kind, x_shape, w_shape, kwargs in tqdm(layers, desc=name, leave=False):
         x = rng.standard_normal(x_shape, dtype=np.float32)
@@ -153,15 +203,20 @@ def run_config(name, repeats, rng):
                                        dtype=np.float32)
         calls = [*minunet_calls(kind, x, weight, bias, kwargs),
                  *torch_calls(kind, x, weight, bias, kwargs)]
-        ms = best_times(calls, repeats)
+        samples = timed_calls(calls, repeats)
+        ms = [statistics.median(s) for s in samples]
         for _ in range(RETRIES):  # a far-off ratio is more often a busy spell than a result
             if 1 / OUTLIER_RATIO < sum(ms[:2]) / sum(ms[2:]) < OUTLIER_RATIO:
                 break
-            ms = [min(a, b) for a, b in zip(ms, best_times(calls, repeats), strict=True)]
+            for old, new in zip(samples, timed_calls(calls, repeats), strict=True):
+                old.extend(new)
+            ms = [statistics.median(s) for s in samples]
         ours, theirs = ms[:2], ms[2:]
         rows.append({
             "layer": layer, "x_shape": list(x_shape),
             "weight_shape": None if w_shape is None else list(w_shape),
+            "padding": kwargs.get("padding", "valid"),
+            "forward_gflop": layer_gflop(kind, x_shape, w_shape, kwargs.get("padding")),
             "minunet_forward_ms": ours[0], "torch_forward_ms": theirs[0],
             "minunet_backward_ms": ours[1], "torch_backward_ms": theirs[1],
             "ratio": sum(ours) / sum(theirs),
@@ -170,7 +225,8 @@ def run_config(name, repeats, rng):
 
 
 def print_table(name, rows):
-    print(f"\n{name}: {CONFIGS[name]} (input edge, depth, base channels), float32, batch 1")
+    print(f"\n{name}: {CONFIGS[name]} (input edge, depth, base channels, batch, padding), "
+          "float32")
     header = (f"{'layer':<20} {'input':>18} {'fwd ms':>9} {'torch':>9} {'bwd ms':>9} "
               f"{'torch':>9} {'ratio':>6}")
     print(header)
@@ -197,17 +253,22 @@ def write_json_atomically(path, payload):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs")
+    parser.add_argument("--repeats", type=int, default=3, help="at least this many runs")
     parser.add_argument("--threads", type=int, help="threads for both (default: BLAS's own)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    warnings = [f"warning: {v}={os.environ[v]} is set; it can make NumPy's OpenBLAS slower"
+    warnings = [f"{v}={os.environ[v]} is set: it forces OpenBLAS's kernel choice (a "
+                "restricted core type or cache size), so NumPy may not run its best kernel "
+                "for this CPU; benchmark with it unset"
                 for v in SLOW_OPENBLAS_VARIABLES if v in os.environ]
     for line in warnings:
-        print(line)
+        print("warning:", line)
     blas_threads, torch_threads = equalise_threads(args.threads)
+    blas = blas_description()
+    peak = sgemm_peak_gflops()
     print(f"threads: NumPy BLAS {blas_threads}, PyTorch {torch_threads}")
+    print(f"NumPy's BLAS: {blas}; sgemm peak {peak:.0f} GFLOP/s")
     load_before = os.getloadavg()[0]
     if load_before > 0.5 * (os.cpu_count() or 1):
         print(f"warning: load average {load_before:.1f} on {os.cpu_count()} CPUs: other "
@@ -225,12 +286,18 @@ def main(argv=None):
         "versions": {"python": platform.python_version(), "numpy": np.__version__,
                      "torch": torch.__version__, "minunet": minunet.__version__
                      if hasattr(minunet, "__version__") else None},
+        "command": " ".join(["python", *sys.argv]),
         "threads": {"numpy_blas": blas_threads, "torch": torch_threads},
+        "blas": blas,
+        "sgemm_peak_gflops": peak,
         "load_average": {"before": load_before, "after": os.getloadavg()[0]},
         "warnings": warnings,
         "repeats": args.repeats,
         "dtype": "float32",
-        "configs": {name: {"input_edge_depth_base": CONFIGS[name], "layers": rows}
+        "statistic": "median",
+        "configs": {name: {"input_edge_depth_base": CONFIGS[name][:3],
+                           "batch": CONFIGS[name][3], "padding": CONFIGS[name][4],
+                           "layers": rows}
                     for name, rows in results.items()},
     })
     print(f"\nwrote {args.output}")

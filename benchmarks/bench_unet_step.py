@@ -1,16 +1,24 @@
 """One U-Net training step on the CPU: minunet (NumPy) against PyTorch, in one process.
 
-A step is forward + softmax cross-entropy + backward + SGD (momentum 0.99), float32, from the
-same weights for both libraries. Two sizes:
+A step is forward + weighted softmax cross-entropy (a random weight map, as the paper's
+``w(x)``) + backward + SGD (momentum 0.99), float32, from the same weights for both
+libraries. The sizes:
 
 * depth 5, base 16, one 188x188 tile, ``padding="valid"`` (the paper's layout, narrower);
-* depth 4, base 32, a batch of four 128x128 tiles, ``padding="same"``.
+* depth 4, base 32, a batch of four 128x128 tiles, ``padding="same"``;
+* depth 5, base 32, a batch of four 128x128 tiles, ``padding="same"``, no BatchNorm;
+* the paper's network: depth 5, base 64, one 572x572 tile, ``padding="valid"``.
 
-Prints the median time of each library and their ratio, and writes
-``benchmarks/results/unet_step_cpu.json``. ``--profile`` adds a cProfile breakdown of one
-minunet step (where the time goes, by function).
+The two libraries' steps alternate, and each library's median is reported with the ratio
+of the medians (the machine may be busy: alternating exposes both to the same load). Each
+case also gives the convolutions' GFLOP/s next to the peak of a large float32 matrix
+product (sgemm) measured in the same process with the same threads, and ``--ladder``
+times minunet's step with its CPU optimisations added one at a time.
+Writes ``benchmarks/results/unet_step_cpu.json``; ``--profile`` adds a cProfile breakdown
+of one minunet step (where the time goes, by function).
 
-Usage: ``python benchmarks/bench_unet_step.py [--threads N] [--repeats R] [--profile]``
+Usage: ``python benchmarks/bench_unet_step.py [--threads N] [--repeats R] [--cases NAME ...]
+[--ladder] [--profile]``
 """
 
 from __future__ import annotations
@@ -25,6 +33,9 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for both libraries (default: PyTorch's default)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per case")
+    parser.add_argument("--cases", nargs="+", help="names of the cases to run (default: all)")
+    parser.add_argument("--ladder", action="store_true",
+                        help="also time minunet with its optimisations added one by one")
     parser.add_argument("--profile", action="store_true", help="cProfile one minunet step")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results",
                                                          "unet_step_cpu.json"))
@@ -36,8 +47,10 @@ if ARGS.threads is not None:  # must be set before NumPy's BLAS starts its threa
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(ARGS.threads)
 
+import contextlib  # noqa: E402
 import cProfile  # noqa: E402
 import functools  # noqa: E402
+import math  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import pstats  # noqa: E402
@@ -50,7 +63,9 @@ import torch  # noqa: E402
 import torch.nn.functional as TF  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import minunet.functional.conv as conv_kernels  # noqa: E402
 from minunet import UNet, losses, optim  # noqa: E402
+from minunet.nn import Conv2d, ConvTranspose2d  # noqa: E402
 from minunet.serialization import to_torch_state_dict  # noqa: E402
 from minunet.torch_reference import TorchUNet  # noqa: E402
 
@@ -59,7 +74,66 @@ CASES = [
          padding="valid"),
     dict(name="depth4_base32_4x128_same", depth=4, base_channels=32, batch=4, size=128,
          padding="same"),
+    dict(name="depth5_base32_4x128_same", depth=5, base_channels=32, batch=4, size=128,
+         padding="same"),
+    dict(name="paper_depth5_base64_1x572_valid", depth=5, base_channels=64, batch=1, size=572,
+         padding="valid"),
 ]
+
+# minunet's CPU optimisations as a ladder (see minunet/functional/conv.py): the plain
+# im2col/col2im kernels with 64 MiB blocks first, then each optimisation added in turn; the
+# last rung is minunet as it is. Each rung names the kernel replacements that switch off
+# the optimisations not yet added.
+NO_SHIFTED_PRODUCTS = {"_shifted_products_pay": lambda x, weight, geometry: False}
+LADDER = [
+    ("im2col forward, col2im backward, one 64 MiB block",
+     {**NO_SHIFTED_PRODUCTS, "_gradient_geometry": lambda geometry: None,
+      "BLOCK_PIXELS": 2**40}),
+    ("+ backward from one im2col of grad_out", {**NO_SHIFTED_PRODUCTS, "BLOCK_PIXELS": 2**40}),
+    ("+ blocks of about 1024 pixels", NO_SHIFTED_PRODUCTS),
+    ("+ shifted products in the forward pass", {}),
+]
+
+
+@contextlib.contextmanager
+def switched_off(replacements):
+    saved = {name: getattr(conv_kernels, name) for name in replacements}
+    for name, value in replacements.items():
+        setattr(conv_kernels, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(conv_kernels, name, value)
+
+
+def convolution_flops(net, x_shape) -> int:
+    """Multiply-adds x 2 of every convolution in one training step: the forward product and
+    the two backward ones (input and weight gradient) have the same count."""
+    shape, total = x_shape, 0
+    for _, layer, out_shape in net._layer_shapes(x_shape):
+        if isinstance(layer, Conv2d):
+            kh, kw = layer.kernel_size
+            total += 2 * math.prod(out_shape) * layer.weight.shape[1] * kh * kw
+        elif isinstance(layer, ConvTranspose2d):
+            c_in, _, kh, kw = layer.weight.shape
+            total += 2 * math.prod(shape[:1] + shape[2:]) * c_in * layer.weight.shape[1] * kh * kw
+        shape = out_shape
+    return 3 * total
+
+
+def sgemm_peak_gflops(size=2048, repeats=5) -> float:
+    """GFLOP/s of the best of ``repeats`` float32 (size x size) @ (size x size) products."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    out = np.empty_like(a)
+    np.matmul(a, b, out=out)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
 
 
 def make_case(case, seed=0):
@@ -73,33 +147,46 @@ def make_case(case, seed=0):
     x = rng.standard_normal((case["batch"], 1, case["size"], case["size"])).astype(np.float32)
     out = net.output_size(case["size"])
     target = rng.integers(0, 2, size=(case["batch"], out, out))
-    return net, torch_net, x, target
+    weight = rng.uniform(0.5, 2.0, size=target.shape).astype(np.float32)
+    return net, torch_net, x, target, weight
 
 
-def minunet_step(net, optimizer, x, target):
+def minunet_step(net, optimizer, x, target, weight):
     optimizer.zero_grad()
-    loss, grad_logits = losses.softmax_cross_entropy(net.forward(x), target)
+    loss, grad_logits = losses.softmax_cross_entropy(net.forward(x), target, weight)
     net.backward(grad_logits)
     optimizer.step()
     return float(loss)
 
 
-def torch_step(net, optimizer, x, target):
+def torch_step(net, optimizer, x, target, weight):
     optimizer.zero_grad()
-    loss = TF.cross_entropy(net(x), target)
+    loss = (TF.cross_entropy(net(x), target, reduction="none") * weight).mean()
     loss.backward()
     optimizer.step()
     return loss.item()
 
 
-def median_time(step, repeats, label):
-    step()  # warm-up (allocations, first-call overheads)
-    times = []
-    for _ in tqdm(range(repeats), desc=label, leave=False):
-        start = time.perf_counter()
+def alternating_times(steps, repeats, label):
+    """Time the steps in turn, ``repeats`` rounds after one warm-up round (allocations,
+    first-call overheads); returns one list of times per step."""
+    for step in steps:
         step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+    times = [[] for _ in steps]
+    for _ in tqdm(range(repeats), desc=label, leave=False):
+        for step, step_times in zip(steps, times, strict=True):
+            start = time.perf_counter()
+            step()
+            step_times.append(time.perf_counter() - start)
+    return times
+
+
+def time_with(replacements, step):
+    """``step`` that runs with some of minunet's kernels replaced."""
+    def replaced():
+        with switched_off(replacements):
+            step()
+    return replaced
 
 
 def profile_step(step, top=12) -> str:
@@ -125,27 +212,64 @@ def main():
     if ARGS.threads is not None:
         torch.set_num_threads(ARGS.threads)
     threads = torch.get_num_threads()
+    from threadpoolctl import threadpool_info
+
+    blas = [{key: pool.get(key) for key in ("internal_api", "version", "architecture",
+                                             "num_threads")}
+            for pool in threadpool_info() if pool["user_api"] == "blas"]
+    warnings = [f"{v}={os.environ[v]} is set: NumPy's OpenBLAS may not run its best kernel"
+                for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ]
+    for line in warnings:
+        print("warning:", line)
+    peak = sgemm_peak_gflops()
+    print(f"threads {threads}; NumPy BLAS {blas}; sgemm peak {peak:.0f} GFLOP/s")
+    load_before = os.getloadavg()[0]
     results = []
-    for case in CASES:
-        net, torch_net, x, target = make_case(case)
+    cases = [case for case in CASES if not ARGS.cases or case["name"] in ARGS.cases]
+    for case in cases:
+        net, torch_net, x, target, weight = make_case(case)
         sgd = optim.SGD(net.parameters(), lr=1e-3, momentum=0.99)
         torch_sgd = torch.optim.SGD(torch_net.parameters(), lr=1e-3, momentum=0.99)
-        x_t, target_t = torch.from_numpy(x), torch.from_numpy(target)
-        ours_step = functools.partial(minunet_step, net, sgd, x, target)
-        theirs_step = functools.partial(torch_step, torch_net, torch_sgd, x_t, target_t)
-        ours, ours_times = median_time(ours_step, ARGS.repeats, f"minunet {case['name']}")
-        theirs, theirs_times = median_time(theirs_step, ARGS.repeats, f"torch   {case['name']}")
-        ratio = ours / theirs
-        print(f"{case['name']:>28}: minunet {ours * 1e3:8.1f} ms   torch {theirs * 1e3:8.1f} ms"
-              f"   ratio {ratio:5.2f}x")
-        results.append({**case, "minunet_s": ours, "torch_s": theirs, "ratio": ratio,
-                        "minunet_times_s": ours_times, "torch_times_s": theirs_times})
+        torch_data = [torch.from_numpy(a) for a in (x, target, weight)]
+        ours_step = functools.partial(minunet_step, net, sgd, x, target, weight)
+        theirs_step = functools.partial(torch_step, torch_net, torch_sgd, *torch_data)
+        steps = {"minunet": ours_step, "torch": theirs_step}
+        if ARGS.ladder:
+            steps.update({name: time_with(replacements, ours_step)
+                          for name, replacements in LADDER[:-1]})
+        times = dict(zip(steps, alternating_times(list(steps.values()), ARGS.repeats,
+                                                  case["name"]), strict=True))
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        ours, theirs = medians["minunet"], medians["torch"]
+        flops = convolution_flops(net, x.shape)
+        print(f"{case['name']:>32}: minunet {ours * 1e3:8.1f} ms   torch {theirs * 1e3:8.1f} ms"
+              f"   ratio {ours / theirs:5.2f}x   convolutions {flops / 1e9:.1f} GFLOP: "
+              f"minunet {flops / ours / 1e9:.0f}, torch {flops / theirs / 1e9:.0f} GFLOP/s")
+        result = {**case, "minunet_s": ours, "torch_s": theirs, "ratio": ours / theirs,
+                  "convolution_gflop": flops / 1e9,
+                  "minunet_gflops": flops / ours / 1e9, "torch_gflops": flops / theirs / 1e9,
+                  "minunet_times_s": times["minunet"], "torch_times_s": times["torch"]}
+        if ARGS.ladder:
+            medians[LADDER[-1][0]], times[LADDER[-1][0]] = ours, times["minunet"]
+            result["ladder"] = [
+                {"kernels": name, "minunet_s": medians[name], "ratio": medians[name] / theirs,
+                 "times_s": times[name]}
+                for name, _ in LADDER
+            ]
+            for row in result["ladder"]:
+                print(f"{'':>34}{row['kernels']:<52} {row['minunet_s'] * 1e3:8.1f} ms"
+                      f"   ratio {row['ratio']:5.2f}x")
+        results.append(result)
         if ARGS.profile:
             print(profile_step(ours_step))
     write_json_atomically({
-        "benchmark": "one U-Net training step (forward, softmax cross-entropy, backward, "
-                     "SGD momentum 0.99), float32, CPU",
+        "benchmark": "one U-Net training step (forward, weighted softmax cross-entropy, "
+                     "backward, SGD momentum 0.99), float32, CPU",
+        "command": " ".join(["python", *sys.argv]),
         "threads": threads, "repeats": ARGS.repeats, "statistic": "median",
+        "blas": blas, "warnings": warnings, "sgemm_peak_gflops": peak,
+        "load_average": {"before": load_before, "after": os.getloadavg()[0]},
+        "cpu_count": os.cpu_count(),
         "numpy": np.__version__, "torch": torch.__version__,
         "python": sys.version.split()[0], "cases": results,
     }, ARGS.output)
