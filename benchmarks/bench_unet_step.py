@@ -18,7 +18,7 @@ Writes ``benchmarks/results/unet_step_cpu.json``; ``--profile`` adds a cProfile 
 of one minunet step (where the time goes, by function).
 
 Usage: ``python benchmarks/bench_unet_step.py [--threads N] [--repeats R] [--cases NAME ...]
-[--ladder] [--profile]``
+[--ladder [NAME ...]] [--profile]``
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ def parse_args():
                         help="threads for both libraries (default: PyTorch's default)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per case")
     parser.add_argument("--cases", nargs="+", help="names of the cases to run (default: all)")
-    parser.add_argument("--ladder", action="store_true",
-                        help="also time minunet with its optimisations added one by one")
+    parser.add_argument("--ladder", nargs="*", metavar="NAME",
+                        help="also time minunet with its optimisations added one by one, "
+                             "for the cases named (all cases when no name follows)")
     parser.add_argument("--profile", action="store_true", help="cProfile one minunet step")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results",
                                                          "unet_step_cpu.json"))
@@ -234,7 +235,8 @@ def main():
         ours_step = functools.partial(minunet_step, net, sgd, x, target, weight)
         theirs_step = functools.partial(torch_step, torch_net, torch_sgd, *torch_data)
         steps = {"minunet": ours_step, "torch": theirs_step}
-        if ARGS.ladder:
+        ladder = ARGS.ladder is not None and (not ARGS.ladder or case["name"] in ARGS.ladder)
+        if ladder:
             steps.update({name: time_with(replacements, ours_step)
                           for name, replacements in LADDER[:-1]})
         times = dict(zip(steps, alternating_times(list(steps.values()), ARGS.repeats,
@@ -249,7 +251,7 @@ def main():
                   "convolution_gflop": flops / 1e9,
                   "minunet_gflops": flops / ours / 1e9, "torch_gflops": flops / theirs / 1e9,
                   "minunet_times_s": times["minunet"], "torch_times_s": times["torch"]}
-        if ARGS.ladder:
+        if ladder:
             medians[LADDER[-1][0]], times[LADDER[-1][0]] = ours, times["minunet"]
             result["ladder"] = [
                 {"kernels": name, "minunet_s": medians[name], "ratio": medians[name] / theirs,
