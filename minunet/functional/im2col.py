@@ -17,8 +17,6 @@ which is exactly what the chain rule asks of a gradient.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from minunet.functional._validate import ConvGeometry
