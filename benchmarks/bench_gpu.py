@@ -367,6 +367,7 @@ def main(argv=None) -> int:
         "settings": {"dtype": "float32", "cudnn_benchmark": True, "repeats": args.repeats,
                      "quick": args.quick, "networks": networks,
                      "timing": "best of the repeats of a >= 20 ms loop, synchronized"},
+        "complete": False,  # true once every section asked for has been measured
         "ladder": [], "ladder_summary": None, "kernels": [], "training_step": [],
     }
 
@@ -436,6 +437,8 @@ def main(argv=None) -> int:
                     lambda s=size, b=batch, p=padding: training_step_case(cp, torch, s, b, p),
                     30.0)
 
+    results["complete"] = True
+    save()
     print_report(results)
     print(f"wrote {args.output}")
     failed = [r for r in results["ladder"] if "error" in r or "errors" in r] + [

@@ -89,6 +89,42 @@ def test_functional_on_cupy_matches_numpy_and_torch_cuda(dtype, torch_cuda, rng)
                  dtype)
 
 
+@pytest.mark.parametrize("algorithm", ops.ALGORITHMS)
+def test_every_rung_of_the_ladder_matches_cudnn(algorithm, torch_cuda, rng):
+    """float32 against cuDNN (TF32 off): a 3x3 convolution whose sizes fill no tile evenly
+    (bias and fused ReLU, both gradients) and a 2x2 stride-2 up-convolution."""
+    def on_torch(a):
+        return torch.from_numpy(a).to(torch_cuda).requires_grad_()
+
+    x = rng.standard_normal((2, 48, 37, 41)).astype(np.float32)
+    w = rng.standard_normal((70, 48, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(70).astype(np.float32)
+    gx, gw, gb = (to_device(a, "cupy") for a in (x, w, b))
+    tx, tw, tb = on_torch(x), on_torch(w), on_torch(b)
+    ty = torch.nn.functional.conv2d(tx, tw, tb)
+    assert_close(ops.conv2d(gx, gw, gb, algorithm=algorithm), ty.detach().cpu().numpy(),
+                 "float32")
+    assert_close(ops.conv2d(gx, gw, gb, algorithm=algorithm, relu=True),
+                 torch.relu(ty).detach().cpu().numpy(), "float32")
+    g = rng.standard_normal(tuple(ty.shape)).astype(np.float32)
+    ty.backward(torch.from_numpy(g).to(torch_cuda))
+    got = ops.conv2d_backward(to_device(g, "cupy"), gx, gw, algorithm=algorithm)
+    for mine, theirs in zip(got, (tx.grad, tw.grad, tb.grad), strict=True):
+        assert_close(mine, theirs.cpu().numpy(), "float32")
+
+    up_w = rng.standard_normal((48, 35, 2, 2)).astype(np.float32)
+    tx, tw = on_torch(x), on_torch(up_w)
+    ty = torch.nn.functional.conv_transpose2d(tx, tw, stride=2)
+    assert_close(ops.conv_transpose2d(gx, to_device(up_w, "cupy"), stride=2,
+                                      algorithm=algorithm), ty.detach().cpu().numpy(), "float32")
+    g = rng.standard_normal(tuple(ty.shape)).astype(np.float32)
+    ty.backward(torch.from_numpy(g).to(torch_cuda))
+    got = ops.conv_transpose2d_backward(to_device(g, "cupy"), gx, to_device(up_w, "cupy"),
+                                        stride=2, algorithm=algorithm)
+    assert_close(got[0], tx.grad.cpu().numpy(), "float32")
+    assert_close(got[1], tw.grad.cpu().numpy(), "float32")
+
+
 def _forward_backward(net, x):
     """Logits, input gradient and parameter gradients (NumPy) for a fixed random upstream
     gradient, on whichever device ``x`` lives."""
