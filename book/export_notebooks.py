@@ -46,7 +46,12 @@ def executed_notebook(chapter: Path) -> nbformat.NotebookNode:
     """The chapter with outputs: from the book build if it is up to date, else run here."""
     built = EXECUTED / f"{chapter.stem}.ipynb"
     if built.is_file() and built.stat().st_mtime >= chapter.stat().st_mtime:
-        return nbformat.read(built, as_version=4)
+        notebook = nbformat.read(built, as_version=4)
+        # the book build keeps the glued values beside the notebook, not in its outputs
+        glued = built.with_suffix(".glue.json")
+        if glued.is_file():
+            notebook.metadata["glued"] = json.loads(glued.read_text())
+        return notebook
     notebook = jupytext.read(chapter)
     with tempfile.TemporaryDirectory(prefix="minunet-notebook-") as folder:
         NotebookClient(notebook, timeout=TIMEOUT_S, kernel_name="python3",
@@ -56,12 +61,13 @@ def executed_notebook(chapter: Path) -> nbformat.NotebookNode:
 
 def glued_values(notebook) -> dict[str, str]:
     """name -> text of every value glued by the notebook (myst_nb marks them 'scrapbook')."""
+    outputs = list(notebook.metadata.pop("glued", {}).values())
+    outputs += [output for cell in notebook.cells for output in cell.get("outputs", [])]
     values = {}
-    for cell in notebook.cells:
-        for output in cell.get("outputs", []):
-            name = output.get("metadata", {}).get("scrapbook", {}).get("name")
-            if name and "text/plain" in output.get("data", {}):
-                values[name] = str(output["data"]["text/plain"]).strip("'\"")
+    for output in outputs:
+        name = output.get("metadata", {}).get("scrapbook", {}).get("name")
+        if name and "text/plain" in output.get("data", {}):
+            values[name] = str(output["data"]["text/plain"]).strip("'\"")
     return values
 
 
