@@ -200,14 +200,14 @@ def _tap_table(run, pass_name: str, sizes: ConvSizes):
     output pixel's corner; the input gradient walks d = (k, r, s), reads grad_out in plane
     k*P*Q and the weight at k*C*R*S + r*S + s. Built once per geometry (a host-to-device copy
     the first time only)."""
-    s = sizes
-    channels = s.C if pass_name == "forward" else s.K
-    c, r, q = np.meshgrid(np.arange(channels), np.arange(s.R), np.arange(s.S), indexing="ij")
-    dh, dw = r * s.dilation_h, q * s.dilation_w
+    g = sizes
+    channels = g.C if pass_name == "forward" else g.K
+    c, r, s = np.meshgrid(np.arange(channels), np.arange(g.R), np.arange(g.S), indexing="ij")
+    dh, dw = r * g.dilation_h, s * g.dilation_w
     if pass_name == "forward":
-        columns = (c * s.H * s.W + dh * s.W + dw, dh, dw, np.zeros_like(c))
-    else:
-        columns = (c * s.P * s.Q, dh, dw, c * s.C * s.R * s.S + r * s.S + q)
+        columns = (c * g.H * g.W + dh * g.W + dw, dh, dw, np.zeros_like(c))
+    else:  # c runs over the output channels k here
+        columns = (c * g.P * g.Q, dh, dw, c * g.C * g.R * g.S + r * g.S + s)
     table = np.stack([column.ravel() for column in columns], axis=1).astype(np.int32)
     return run.contiguous(table)
 
@@ -307,9 +307,10 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, *,
     return grad_x, grad_weight, channel_sum(grad_out, runner=run)
 
 
-# A transposed convolution with weight (C_in, C_out, R, S) is the input gradient of the
-# convolution C_out -> C_in with the same weight: the conv's "input" (C, H, W) is its output,
-# the conv's "output" (K, P, Q) its input (ConvGeometry.in_hw / out_hw are set up that way).
+# A transposed convolution x (N, C, H, W) -> (N, K, P, Q) with weight (C, K, R, S) is the
+# input gradient of the convolution K -> C with the same weight: that convolution's input is
+# the transposed one's output and the other way round (ConvGeometry.in_hw / out_hw are set
+# up that way, and ConvSizes of the convolution swap the letters accordingly).
 # The U-Net's 2x2 stride-2 up-convolution has kernels of its own on the blocked rungs.
 
 
@@ -333,10 +334,10 @@ def _uses_up_conv_kernels(geometry: ConvGeometry, algorithm: str) -> bool:
 def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, dilation=1,
                      *, algorithm=DEFAULT_ALGORITHM, runner=None):
     """2-D transposed convolution on the GPU, as :func:`minunet.functional.conv_transpose2d`:
-    x (N, C_in, H, W), weight (C_in, C_out, R, S), bias (C_out,) or None ->
-    (N, C_out, H_out, W_out) with ``H_out = (H-1)*stride - 2*padding + dilation*(R-1) +
-    output_padding + 1``. One launch of the convolution's input-gradient kernel, with the bias
-    added in it, or of up_conv2x2_forward for the U-Net's up-convolution."""
+    x (N, C, H, W), weight (C, K, R, S), bias (K,) or None -> (N, K, P, Q) with
+    ``P = (H-1)*stride - 2*padding + dilation*(R-1) + output_padding + 1``. One launch of the
+    convolution's input-gradient kernel, with the bias added in it, or of
+    up_conv2x2_forward for the U-Net's up-convolution."""
     geometry = conv_transpose2d_arguments(x, weight, bias, stride, padding, output_padding,
                                           dilation)
     _check_size(x, weight)
@@ -357,7 +358,7 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
 def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_padding=0,
                               dilation=1, *, algorithm=DEFAULT_ALGORITHM, runner=None):
     """Gradients of :func:`conv_transpose2d`: ``(grad_x, grad_weight, grad_bias)``, given
-    grad_out (N, C_out, H_out, W_out). grad_x is the forward convolution of grad_out,
+    grad_out (N, K, P, Q). grad_x is the forward convolution of grad_out,
     grad_weight the convolution's weight gradient with the roles of x and grad_out swapped."""
     geometry = conv_transpose2d_arguments(x, weight, None, stride, padding, output_padding,
                                           dilation)
@@ -388,8 +389,8 @@ def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_p
 
 
 def _pool_args(x, geometry: ConvGeometry) -> tuple[np.int32, ...]:
-    """planes, in_h, in_w, out_h, out_w, kernel_h, kernel_w, stride_h, stride_w, pad_top,
-    pad_left: the sizes the kernels of max_pool2d.cu take."""
+    """planes (N*C), H, W, P, Q, R, S, stride_h, stride_w, pad_h, pad_w: the sizes the kernels
+    of max_pool2d.cu take (window R x S, output P x Q)."""
     (top, _), (left, _) = geometry.padding
     values = (x.shape[0] * x.shape[1], *geometry.in_hw, *geometry.out_hw,
               *geometry.kernel_size, *geometry.stride, top, left)
@@ -397,7 +398,7 @@ def _pool_args(x, geometry: ConvGeometry) -> tuple[np.int32, ...]:
 
 
 def _max_pool_forward(run, x, geometry: ConvGeometry):
-    """``(y, argmax)``: the pooled maxima and the int32 flat position ``ih*W + iw`` of each."""
+    """``(y, argmax)``: the pooled maxima and the int32 flat position ``h*W + w`` of each."""
     out_shape = (*x.shape[:2], *geometry.out_hw)
     y, argmax = run.empty(out_shape, x.dtype), run.empty(out_shape, np.int32)
     kernel = run.kernel("max_pool2d.cu", "max_pool2d_forward", x.dtype)
@@ -407,7 +408,7 @@ def _max_pool_forward(run, x, geometry: ConvGeometry):
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, return_indices=False, *, runner=None):
     """2-D max-pooling on the GPU, as :func:`minunet.functional.max_pool2d`:
-    x (N, C, H, W) -> (N, C, H_out, W_out), and the int64 flat indices ``row*W + col`` of the
+    x (N, C, H, W) -> (N, C, P, Q), and the int64 flat indices ``h*W + w`` of the
     winners when ``return_indices`` (first maximum in row-major window order)."""
     geometry = max_pool2d_arguments(x, kernel_size, stride, padding)
     _check_size(x)
@@ -417,7 +418,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, return_indices=False, *, 
 
 def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0, indices=None, *,
                         runner=None):
-    """Gradient of :func:`max_pool2d`: grad_out (N, C, H_out, W_out) -> grad_x (N, C, H, W).
+    """Gradient of :func:`max_pool2d`: grad_out (N, C, P, Q) -> grad_x (N, C, H, W).
 
     Each input pixel gathers the gradients of the windows it won; without ``indices`` the
     winners are found again by the forward kernel."""
@@ -451,14 +452,14 @@ def channel_sum(x, *, runner=None):
     _check_float("x", x, min_ndim=2)
     _check_size(x)
     run = _runner(runner)
-    batch, channels = x.shape[:2]
-    pixels = x.size // max(batch * channels, 1)
-    out = run.empty((channels,), x.dtype)
-    if channels:
+    N, C = x.shape[:2]  # the letters of the .cu files
+    HW = x.size // max(N * C, 1)
+    out = run.empty((C,), x.dtype)
+    if C:
         kernel = run.kernel("reduction.cu", "channel_sum", x.dtype)
-        kernel((channels,), (SUM_THREADS,),
-               (run.contiguous(x), out, _int(batch, "batch"), _int(channels, "channels"),
-                _int(pixels, "pixels")))
+        kernel((C,), (SUM_THREADS,),
+               (run.contiguous(x), out, _int(N, "batch"), _int(C, "channels"),
+                _int(HW, "pixels")))
     return out
 
 
@@ -511,18 +512,18 @@ def softmax_cross_entropy(logits, target, weight=None, *, runner=None):
     check_same_dtype("logits", logits, weight=weight)
     _check_size(logits)
     run = _runner(runner)
-    batch, classes = logits.shape[:2]
-    pixels = target.size // max(batch, 1)
+    N, K = logits.shape[:2]
+    HW = target.size // max(N, 1)
     if weight is None:
         weight = run.xp.ones(target.shape, dtype=logits.dtype)
-    pixel_loss = run.empty((batch, 1, pixels), logits.dtype)
+    pixel_loss = run.empty((N, 1, HW), logits.dtype)
     grad = run.empty(logits.shape, logits.dtype)
     scale = logits.dtype.type(1.0 / max(target.size, 1))
     kernel = run.kernel("softmax_cross_entropy.cu", "softmax_cross_entropy", logits.dtype)
     _launch_1d(kernel, target.size,
                (run.contiguous(logits), run.contiguous(target.astype(np.int32)),
-                run.contiguous(weight), pixel_loss, grad, _int(batch, "batch"),
-                _int(classes, "classes"), _int(pixels, "pixels"), scale))
+                run.contiguous(weight), pixel_loss, grad, _int(N, "batch"),
+                _int(K, "classes"), _int(HW, "pixels"), scale))
     return channel_sum(pixel_loss, runner=run).reshape(()), grad
 
 
