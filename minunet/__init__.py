@@ -5,7 +5,8 @@ The package is layered, and data flows one way through it::
     arrays -> minunet.functional (kernels: forward/backward pairs)
            -> minunet.nn (layers holding parameters)
            -> minunet.UNet -> minunet.losses / minunet.optim
-           -> minunet.train, minunet.predict, the command line (python -m minunet)
+           -> minunet.train, minunet.predict, minunet.slides (whole slides on Dask),
+              the command line (python -m minunet)
 
 NumPy or CuPy is chosen by the type of the arrays (see :mod:`minunet.backend`).
 Top-level names are imported lazily, so ``import minunet`` stays cheap.
@@ -30,8 +31,8 @@ _LAZY = {
 }
 _SUBMODULES = {
     "backend", "shapes", "functional", "nn", "unet", "losses", "optim", "serialization",
-    "data", "metrics", "inference", "postprocess", "train", "cuda", "torch_reference", "cli", "zoo",
-    "results", "book",
+    "data", "metrics", "inference", "postprocess", "slides", "train", "cuda", "torch_reference",
+    "cli", "zoo", "results", "book",
 }
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)

@@ -272,6 +272,8 @@ def min_cell_size(args) -> int:
 
 
 def command_predict(args) -> int:
+    if args.chunk_size:
+        return command_slide(args, [args.image])
     from minunet.inference import predict
     from minunet.postprocess import label_instances
 
@@ -314,6 +316,8 @@ def command_evaluate(args) -> int:
 
 
 def command_count(args) -> int:
+    if args.chunk_size:
+        return command_slide(args, args.images)
     from minunet.postprocess import count_cells
 
     net = load_model(args.model, args.device)
@@ -328,6 +332,130 @@ def command_count(args) -> int:
                          result.labels)
     print_table(rows, [("image", "image", "s"), ("cells", "cells", "d")])
     return 0
+
+
+# --- whole slides: predict/count with --chunk-size, streamed on Dask ------------------------
+
+
+def add_slide_options(parser) -> None:
+    group = parser.add_argument_group(
+        "whole slides", "with --chunk-size the image is read, predicted and counted chunk by "
+                        "chunk on Dask (TIFF level 0 or Zarr store; it is never held whole)")
+    group.add_argument("--chunk-size", type=_positive, default=None,
+                       help="edge of the chunks in pixels (e.g. 2048): turns on the "
+                            "whole-slide mode")
+    group.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="a running dask.distributed scheduler (tcp://HOST:PORT); "
+                            "default: Dask's local threads")
+    group.add_argument("--zarr", default=None,
+                       help="probabilities as a Zarr store (default: -o for predict, "
+                            "SLIDE_probabilities.zarr for count)")
+    group.add_argument("--probability-dtype", choices=("float16", "uint8"), default="float16",
+                       help="stored probabilities: float16 or uint8 (x 255) (default float16)")
+    group.add_argument("--csv", default=None,
+                       help="cell centroids (row, col, area) in slide pixels "
+                            "(default: next to the Zarr store, NAME_cells.csv)")
+
+
+def connect_scheduler(address: str | None, timeout: str = "3s"):
+    """A ``dask.distributed`` client for ``address`` (None: no client, Dask's local
+    scheduler); a scheduler that does not answer within ``timeout`` is a UserError."""
+    if not address:
+        return contextlib.nullcontext()
+    import logging
+
+    from distributed import Client
+
+    quiet = logging.getLogger("distributed")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # the retries are logged; the user gets one line
+    try:
+        return Client(address, timeout=timeout)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise UserError(f"--scheduler {address}: no Dask scheduler answers there "
+                        f"({type(exc).__name__})") from exc
+    finally:
+        quiet.setLevel(level)
+
+
+def command_slide(args, slides_given) -> int:
+    """predict/count of one whole slide: probabilities to Zarr (progress over chunks), cell
+    centroids to CSV, and a downsampled overlay PNG."""
+    from minunet import slides
+
+    if len(slides_given) != 1:
+        raise UserError("--chunk-size takes one slide at a time")
+    slide = slides_given[0]
+    stem = Path(slide).stem
+    store = Path(args.zarr or getattr(args, "output", None) or f"{stem}_probabilities.zarr")
+    if store.suffix != ".zarr":
+        raise UserError(f"{store}: with --chunk-size the probabilities are written to a Zarr "
+                        "store; name it NAME.zarr")
+    csv_path = Path(args.csv or store.with_name(store.stem + "_cells.csv"))
+    if getattr(args, "overlay_dir", None):
+        overlay = Path(args.overlay_dir) / f"{stem}_overlay.png"
+    else:
+        overlay = Path(getattr(args, "overlay", None) or store.with_name(stem + "_overlay.png"))
+    for path in (store, csv_path, overlay):
+        check_writable(path)
+    net = load_model(args.model, args.device)
+    probabilities = slides.predict(net, slide, chunk_size=args.chunk_size,
+                                   tile_size=args.tile_size, tta=args.tta)
+    with connect_scheduler(args.scheduler):
+        slides.write_probabilities(probabilities, store, dtype=args.probability_dtype,
+                                   progress=not args.quiet)
+        found = slides.count_cells(str(store), chunk_size=args.chunk_size,
+                                   threshold=args.threshold, progress=not args.quiet)
+        image = slides.prepare_slide(slide, net.config["in_channels"], args.chunk_size)
+        save_slide_overlay(overlay, image.mean(axis=0), found, slide)
+    write_centroids(csv_path, found)
+    print(f"{slide}: {found.count} cells; probabilities: {store}  centroids: {csv_path}  "
+          f"overlay: {overlay}")
+    return 0
+
+
+def check_writable(path: Path) -> None:
+    """Fail before hours of work, not after: the folder of ``path`` must be writable."""
+    folder = path.absolute().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot create the folder {folder} ({exc.strerror})") from exc
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{path}: the folder {folder} is not writable")
+
+
+def write_centroids(path, found) -> None:
+    def write(temporary):
+        with open(temporary, "w") as stream:
+            stream.write("row,col,area\n")
+            for (row, col), area in zip(found.centroids, found.areas, strict=True):
+                stream.write(f"{row:.3f},{col:.3f},{area}\n")
+
+    atomic_write(path, write)
+
+
+def save_slide_overlay(path, gray, found, title: str, edge: int = 1024) -> None:
+    """A PNG of the slide shrunk to about ``edge`` px (every k-th pixel, read chunk by
+    chunk) with a dot on every cell found."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    step = max(1, -(-max(gray.shape) // edge))
+    small = np.asarray(gray[::step, ::step].compute())
+    figure, axis = plt.subplots(figsize=(8, 8 * small.shape[0] / small.shape[1] + 0.4))
+    axis.imshow(small, cmap="gray", extent=(0, gray.shape[1], gray.shape[0], 0))
+    axis.scatter(found.centroids[:, 1], found.centroids[:, 0], s=2, c="tab:orange",
+                 linewidths=0)
+    axis.set_title(f"{title}: {found.count} cells (shown 1:{step})")
+    axis.set_axis_off()
+    figure.tight_layout()
+    try:
+        atomic_write(path, lambda t: figure.savefig(t, format="png", dpi=100))
+    finally:
+        plt.close(figure)
 
 
 # --- argument parsing -----------------------------------------------------------------------
@@ -444,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--labels", default=None,
                          help="also write the labelled cells (.tif, .png or .npy)")
     predict.add_argument("--overlay", default=None, help="also write an overlay PNG")
+    add_slide_options(predict)
     predict.set_defaults(run=command_predict)
 
     evaluate = sub.add_parser("evaluate", parents=[common, inference, data],
@@ -460,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     count.add_argument("images", nargs="+", help="input images")
     count.add_argument("--overlay-dir", default=None,
                        help="write NAME_overlay.png for every image into this folder")
+    add_slide_options(count)
     count.set_defaults(run=command_count)
     return parser
 
