@@ -284,13 +284,15 @@ def prepare_slide(source, channels: int, chunk_size: int = 2048, *, name: str = 
 # --- chunking -------------------------------------------------------------------------------
 
 
-def chunk_edges(length: int, chunk_size: int, quantum: int, halo: int) -> tuple[int, ...]:
+def chunk_edges(length: int, chunk_size: int, quantum: int, halo: int,
+                context: str = "the network's context") -> tuple[int, ...]:
     """Chunk lengths along one axis: all start at multiples of ``quantum``; a last chunk
     shorter than ``halo`` joins the one before it (a neighbour's halo must fit in a chunk)."""
     step = chunk_size // quantum * quantum
     if step < max(halo, quantum):
-        raise SlideError(f"chunk_size {chunk_size} is smaller than the network's context: "
-                         f"use at least {max(halo, quantum)} (a multiple of {quantum})")
+        raise SlideError(f"chunk_size {chunk_size} is smaller than {context}: use at least "
+                         f"{max(halo, quantum)}" + (f" (a multiple of {quantum})" if quantum > 1
+                                                    else ""))
     sizes = [step] * (length // step) + ([length % step] if length % step else [])
     if len(sizes) > 1 and sizes[-1] < halo:
         sizes[-2:] = [sizes[-2] + sizes[-1]]
@@ -443,7 +445,8 @@ def cell_tasks(fg, *, chunk_size: int, cell_size: int, **label_options) -> list:
     import dask.array as da
 
     _check_size(chunk_size, "chunk_size")
-    rows, cols = (chunk_edges(n, chunk_size, 1, cell_size) for n in fg.shape)
+    rows, cols = (chunk_edges(n, chunk_size, 1, cell_size, "the counting halo (cell_size)")
+                  for n in fg.shape)
     fg = fg.rechunk((rows, cols))
     windows = da.overlap.overlap(fg, depth=cell_size, boundary="none").to_delayed()
     row_starts, col_starts = np.cumsum((0,) + rows), np.cumsum((0,) + cols)
