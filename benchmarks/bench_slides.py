@@ -5,14 +5,15 @@
 2. Writes a synthetic slide of ``--size`` x ``--size`` pixels (default 16384) chunk by chunk
    to a Zarr store: separate round cells on a jittered grid, blurred, with camera noise. The
    number of cells is known exactly, and many of them cross chunk borders and corners.
-3. Predicts the slide to Zarr with ``minunet.slides`` on a ``dask.distributed`` cluster of 1
-   and of 2 local worker processes (one thread each): pixels per second and the peak
-   resident memory of all processes together (sampled every 0.2 s).
-4. Counts the cells from the stored probabilities on 2 workers and compares with the truth.
-5. Predicts an 8192 x 8192 lazy image to Zarr with Dask's local threaded scheduler in a
+3. Predicts an 8192 x 8192 lazy image to Zarr with Dask's local threaded scheduler in a
    fresh process: its peak RSS (``ru_maxrss``), to set against the 1.5 GB budget.
+4. Predicts the slide to Zarr with ``minunet.slides`` on a ``dask.distributed`` cluster of 2
+   and of 1 local worker processes (one thread each): pixels per second and the peak
+   resident memory of all processes together (sampled every 0.2 s).
+5. Counts the cells from the stored probabilities on 2 workers and compares with the truth.
 
-Writes ``benchmarks/results/slides.json``. Run (about 30 minutes on 2 busy cores):
+Writes ``benchmarks/results/slides.json`` after every stage (``stages_done`` says how far a
+run got). Run (about 15 minutes on 2 idle cores):
 
     python benchmarks/bench_slides.py
 """
@@ -166,8 +167,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=16384)
     parser.add_argument("--chunk-size", type=int, default=2048)
-    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--memory-size", type=int, default=8192)
+    parser.add_argument("--work", default=None,
+                        help="folder for the model, the slide and the outputs (kept; a model "
+                             "and slide found there are reused)")
     parser.add_argument("--memory-check", nargs=4, metavar=("SIZE", "MODEL", "CHUNK", "OUT"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS))
@@ -182,76 +186,95 @@ def main() -> None:
     import minunet
     from minunet import slides
 
-    work = Path(tempfile.mkdtemp(prefix="bench-slides-"))
-    net, train_seconds, last_epoch = train_network(args.train_steps)
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-slides-"))
+    work.mkdir(parents=True, exist_ok=True)
     model = work / "net.npz"
-    minunet.save(net, model)
-    print(f"trained {net!r} for {train_seconds:.0f} s: {last_epoch}", flush=True)
+    result = {
+        "benchmark": "whole-slide prediction and counting with minunet.slides on Dask",
+        "command": "python benchmarks/bench_slides.py " + " ".join(sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "blas": [{k: i.get(k) for k in ("internal_api", "num_threads",
+                                                    "architecture")}
+                             for i in threadpool_info()]},
+        "stages_done": [],
+    }
+
+    def save(stage):
+        """Results so far, after every stage: a run cut short still reports what it did."""
+        result["stages_done"].append(stage)
+        result["machine"]["load_average"] = os.getloadavg()
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    if model.exists():
+        net = minunet.load(model)
+        result["network"] = {**net.config, "trained": f"reused from {model.name}"}
+    else:
+        net, train_seconds, last_epoch = train_network(args.train_steps)
+        minunet.save(net, model)
+        result["network"] = {**net.config, "trained_steps": args.train_steps,
+                             "trained_seconds": round(train_seconds, 1),
+                             "last_epoch": last_epoch}
+        print(f"trained {net!r} in {train_seconds:.0f} s: {last_epoch}", flush=True)
+    result["network"]["note"] = ("a deliberately small network (2 levels, 4 channels), so "
+                                 "that a 16384^2 slide fits the run time on 2 shared cores")
 
     cells = synthetic_cell_table(args.size)
-    slide_path = work / "slide.zarr"
-    start = time.perf_counter()
-    write_slide(slide_path, args.size, cells)
-    print(f"slide {args.size}^2 with {len(cells)} cells written in "
-          f"{time.perf_counter() - start:.0f} s", flush=True)
-
-    pixels = args.size**2
-    runs = []
-    for workers in (1, 2):
-        out = work / f"prob{workers}.zarr"
-        _, seconds, peak = run_on_cluster(workers, lambda out=out: slides.write_probabilities(
-            slides.predict(model_net(model), str(slide_path), chunk_size=args.chunk_size),
-            out, progress=True))
-        runs.append({"workers": workers, "seconds": seconds, "pixels_per_second": pixels / seconds,
-                     "peak_rss_bytes": peak})
-        print(f"predict, {workers} worker(s): {pixels / seconds:,.0f} px/s, "
-              f"peak RSS {peak / 2**30:.2f} GiB", flush=True)
-
-    # The synthetic cells never touch: connected components are the cells, so the count
-    # uses separate=False (the watershed split costs about 10 s per megapixel in NumPy).
-    counted, count_seconds, count_peak = run_on_cluster(2, lambda: slides.count_cells(
-        str(work / "prob2.zarr"), chunk_size=args.chunk_size, separate=False, progress=True))
-    print(f"counted {counted.count} cells, truth {len(cells)}", flush=True)
-    matched = match_centroids(counted.centroids, cells[:, :2])
+    slide_path = work / f"slide{args.size}.zarr"
+    if not slide_path.exists():
+        start = time.perf_counter()
+        write_slide(slide_path, args.size, cells)
+        print(f"slide {args.size}^2 with {len(cells)} cells written in "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+    result["slide"] = {"size": args.size, "chunk_size": args.chunk_size, "dtype": "uint16",
+                       "store": "Zarr, written block by block", "true_cells": len(cells)}
+    save("prepare")
 
     child = subprocess.run(
         [sys.executable, __file__, "--memory-check", str(args.memory_size), str(model),
          str(args.chunk_size), str(work / "memory.zarr")],
         capture_output=True, text=True, check=True)
     memory = json.loads(child.stdout.strip().splitlines()[-1])
+    result["memory_check"] = {"size": args.memory_size, "scheduler": "local threads",
+                              "budget_bytes": int(1.5e9), **memory}
     print(f"{args.memory_size}^2 lazy image to Zarr (threads): peak RSS "
           f"{memory['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+    save("memory_check")
 
-    result = {
-        "benchmark": "whole-slide prediction and counting with minunet.slides on Dask",
-        "network": {**net.config, "trained_seconds": round(train_seconds, 1),
-                    "last_epoch": last_epoch,
-                    "note": "a deliberately small network (2 levels, 4 channels), so that a "
-                            "16384^2 slide fits the run time on 2 shared cores"},
-        "slide": {"size": args.size, "chunk_size": args.chunk_size, "dtype": "uint16",
-                  "store": "Zarr, written block by block", "true_cells": len(cells)},
-        "predict": runs,
-        "speedup_2_workers": runs[0]["seconds"] / runs[1]["seconds"],
-        "count": {"workers": 2, "found": counted.count, "true": len(cells),
-                  "relative_error": (counted.count - len(cells)) / len(cells),
-                  "matched_within_3px": matched, "seconds": count_seconds,
-                  "pixels_per_second": pixels / count_seconds, "peak_rss_bytes": count_peak,
-                  "separate": False},
-        "memory_check": {"size": args.memory_size, "scheduler": "local threads",
-                         "budget_bytes": int(1.5e9), **memory},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average_at_end": os.getloadavg(),
-                    "blas": [{k: i.get(k) for k in ("internal_api", "num_threads",
-                                                    "architecture")}
-                             for i in threadpool_info()]},
-        "command": "python benchmarks/bench_slides.py " + " ".join(sys.argv[1:]),
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    pixels = args.size**2
+    result["predict"] = []
+    for workers in (2, 1):
+        out = work / f"prob{workers}.zarr"
+        _, seconds, peak = run_on_cluster(workers, lambda out=out: slides.write_probabilities(
+            slides.predict(model_net(model), str(slide_path), chunk_size=args.chunk_size),
+            out, progress=True))
+        result["predict"].append({"workers": workers, "seconds": seconds,
+                                  "pixels_per_second": pixels / seconds,
+                                  "peak_rss_bytes": peak})
+        print(f"predict, {workers} worker(s): {pixels / seconds:,.0f} px/s, "
+              f"peak RSS {peak / 2**30:.2f} GiB", flush=True)
+        save(f"predict_{workers}_workers")
+        if workers == 2:
+            # The synthetic cells never touch: connected components are the cells, so the
+            # count uses separate=False (the watershed split costs ~10 s per megapixel).
+            counted, count_seconds, count_peak = run_on_cluster(2, lambda: slides.count_cells(
+                str(work / "prob2.zarr"), chunk_size=args.chunk_size, separate=False,
+                progress=True))
+            print(f"counted {counted.count} cells, truth {len(cells)}", flush=True)
+            result["count"] = {
+                "workers": 2, "found": counted.count, "true": len(cells),
+                "relative_error": (counted.count - len(cells)) / len(cells),
+                "matched_within_3px": match_centroids(counted.centroids, cells[:, :2]),
+                "seconds": count_seconds, "pixels_per_second": pixels / count_seconds,
+                "peak_rss_bytes": count_peak, "separate": False}
+            save("count")
+    result["speedup_2_workers"] = result["predict"][1]["seconds"] / result["predict"][0]["seconds"]
+    save("done")
     print(f"wrote {args.out}")
-    import shutil
+    if not args.work:
+        import shutil
 
-    shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def model_net(path):
