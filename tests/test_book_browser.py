@@ -38,7 +38,7 @@ BROWSER_TIMEOUT_S = 120
 CHAPTERS_WITH_TABLES = {f"book/{name}" for name in (
     "02_convolution", "03_transposed_convolution", "04_backpropagation", "05_patch_classifier",
     "06_fcn", "07_unet", "08_loss_and_weights", "09_training", "10_overlap_tile",
-    "11_counting", "13_frameworks")}
+    "10_whole_slides", "11_counting", "13_frameworks")}
 
 if not (SITE / "index.html").exists():
     pytest.skip("the book is not built (run `make book` first)", allow_module_level=True)
