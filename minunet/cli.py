@@ -399,9 +399,9 @@ def command_slide(args, slides_given) -> int:
     for path in (store, csv_path, overlay):
         check_writable(path)
     net = load_model(args.model, args.device)
-    probabilities = slides.predict(net, slide, chunk_size=args.chunk_size,
-                                   tile_size=args.tile_size, tta=args.tta)
-    with connect_scheduler(args.scheduler):
+    with connect_scheduler(args.scheduler):  # from here on, every pass runs on the cluster
+        probabilities = slides.predict(net, slide, chunk_size=args.chunk_size,
+                                       tile_size=args.tile_size, tta=args.tta)
         slides.write_probabilities(probabilities, store, dtype=args.probability_dtype,
                                    progress=not args.quiet)
         found = slides.count_cells(str(store), chunk_size=args.chunk_size,

@@ -151,17 +151,26 @@ def test_cell_larger_than_the_halo_is_reported():
         slides.count_cells(truth > 0, chunk_size=32, cell_size=8, separate=False)
 
 
-def test_local_cluster_of_processes_equals_local(valid_net, image):
+def test_local_cluster_of_processes_equals_local(valid_net, image, model_file, tmp_path,
+                                                 monkeypatch):
     distributed = pytest.importorskip("distributed")
+    from minunet.cli import main
+
     local = slides.predict(valid_net, image, chunk_size=64).compute()
+    monkeypatch.chdir(tmp_path)
+    tifffile.imwrite("slide.tif", image, tile=(32, 32))
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster:
         with distributed.Client(cluster):
             remote = slides.predict(valid_net, image, chunk_size=64).compute()
             counted = slides.count_cells(image > 0.95, chunk_size=64, separate=False)
+        assert main(["count", "slide.tif", "--chunk-size", "64", "--model", str(model_file),
+                     "--scheduler", cluster.scheduler_address, "--quiet"]) == 0
     np.testing.assert_array_equal(remote, local)
     assert counted.count == slides.count_cells(image > 0.95, chunk_size=64,
                                                separate=False).count
+    stored = zarr.open_array("slide_probabilities.zarr", mode="r")[...]
+    np.testing.assert_allclose(stored.astype(np.float32), local, atol=1e-3)
 
 
 def run_cli(*args, cwd):
