@@ -124,6 +124,8 @@ class _TiffLevel:
         array = self._open()
         self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
         self.chunks = array.chunks
+        array.store.close()  # reopened, lazily, by whichever process reads
+        self._array = None
 
     def _open(self):
         import tifffile
@@ -136,12 +138,12 @@ class _TiffLevel:
         return zarr.open_array(store, mode="r")
 
     def __getitem__(self, region):
-        if getattr(self, "_array", None) is None:
+        if self._array is None:
             self._array = self._open()
         return self._array[region]
 
     def __getstate__(self):
-        return {key: value for key, value in vars(self).items() if key != "_array"}
+        return {**vars(self), "_array": None}
 
 
 def _open_zarr(path: str):

@@ -43,11 +43,16 @@ def as_source(kind, array, tmp_path):
         store[...] = array
         return store
     path = tmp_path / "s.tif"
-    tifffile.imwrite(path, array, tile=(32, 32))
+    if kind == "tiff":
+        tifffile.imwrite(path, array, tile=(32, 32))
+    else:  # a pyramidal BigTIFF: level 0 must be read, not the half-size level
+        with tifffile.TiffWriter(path, bigtiff=True) as tiff:
+            tiff.write(array, tile=(32, 32), subifds=1)
+            tiff.write(array[::2, ::2], tile=(32, 32), subfiletype=1)
     return str(path)
 
 
-@pytest.mark.parametrize("kind", ["numpy", "dask", "zarr", "tiff"])
+@pytest.mark.parametrize("kind", ["numpy", "dask", "zarr", "tiff", "pyramid"])
 @pytest.mark.parametrize("chunk_size", [32, 60, 512])
 def test_valid_network_matches_whole_image(valid_net, image, kind, chunk_size, tmp_path):
     # 102 x 131 is divided by none of the chunk sizes; 512 is larger than the image
