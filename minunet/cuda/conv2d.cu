@@ -345,7 +345,7 @@ const int B_LOADS = BLOCK_DEPTH * BLOCK_COLS / BLOCKED_THREADS;  // entries of B
 
 // One entry of the tap table, for depth index d = (c, r, s) of the forward pass or
 // d = (k, r, s) of the input gradient (built by minunet.cuda.ops._tap_table).
-struct Tap {
+struct __align__(16) Tap {  // one 16-byte load
     int offset;         // forward: c*H*W + dh*W + dw into x; input gradient: k*P*Q into grad_out
     int dh, dw;         // r * dilation_h, s * dilation_w
     int weight_offset;  // input gradient: k*C*R*S + r*S + s into the weight (forward: 0)
@@ -398,11 +398,22 @@ __device__ __forceinline__ void fetch_step(const Problem& m, typename Problem::A
 }
 
 // Thread t's entries j of a step: A tile element i = t + j * BLOCKED_THREADS sits at
-// (row i / BLOCK_DEPTH, depth i % BLOCK_DEPTH), B tile element i at (i / BLOCK_COLS, i %
-// BLOCK_COLS). A is stored transposed (depth-major), so a thread's 4 rows are contiguous.
+// (row i / BLOCK_DEPTH, depth i % BLOCK_DEPTH). B tile element i sits at (depth i /
+// BLOCK_COLS, column i % BLOCK_COLS), or at (i % BLOCK_DEPTH, i / BLOCK_DEPTH) when B is
+// contiguous along the depth (the weight gradients, whose depth runs over pixels): either
+// way consecutive threads read neighbouring addresses, so a warp's loads coalesce.
+__device__ __forceinline__ int b_depth(bool along_depth, int i) {
+    return along_depth ? i % BLOCK_DEPTH : i / BLOCK_COLS;
+}
+__device__ __forceinline__ int b_column(bool along_depth, int i) {
+    return along_depth ? i / BLOCK_DEPTH : i % BLOCK_COLS;
+}
+
+// A is stored transposed (depth-major), so a thread's 4 rows are contiguous.
 __device__ __forceinline__ void store_step(scalar_t (*a_tile)[BLOCK_ROWS],
                                            scalar_t (*b_tile)[BLOCK_COLS],
-                                           const scalar_t* a_next, const scalar_t* b_next) {
+                                           const scalar_t* a_next, const scalar_t* b_next,
+                                           bool b_along_depth) {
     const int t = threadIdx.x;
     for (int j = 0; j < A_LOADS; ++j) {
         int i = t + j * BLOCKED_THREADS;
@@ -410,7 +421,7 @@ __device__ __forceinline__ void store_step(scalar_t (*a_tile)[BLOCK_ROWS],
     }
     for (int j = 0; j < B_LOADS; ++j) {
         int i = t + j * BLOCKED_THREADS;
-        b_tile[i / BLOCK_COLS][i % BLOCK_COLS] = b_next[j];
+        b_tile[b_depth(b_along_depth, i)][b_column(b_along_depth, i)] = b_next[j];
     }
 }
 
@@ -434,7 +445,8 @@ __device__ void blocked_matmul(const Problem& m) {
     }
     for (int j = 0; j < B_LOADS; ++j) {
         int i = t + j * BLOCKED_THREADS;
-        b_load[j] = m.b_loader(d_begin + i / BLOCK_COLS, col0 + i % BLOCK_COLS, d_end);
+        b_load[j] = m.b_loader(d_begin + b_depth(Problem::b_along_depth, i),
+                               col0 + b_column(Problem::b_along_depth, i), d_end);
     }
 
     scalar_t acc[THREAD_ROWS][THREAD_COLS];
@@ -445,7 +457,7 @@ __device__ void blocked_matmul(const Problem& m) {
     const int steps = (d_end - d_begin + BLOCK_DEPTH - 1) / BLOCK_DEPTH;
     if (steps > 0) {  // the same for every thread of the block
         fetch_step(m, a_load, b_load, a_next, b_next);
-        store_step(a_tile[0], b_tile[0], a_next, b_next);
+        store_step(a_tile[0], b_tile[0], a_next, b_next, Problem::b_along_depth);
         __syncthreads();  // the first tiles are complete
     }
     for (int step = 0; step < steps; ++step) {
@@ -454,14 +466,16 @@ __device__ void blocked_matmul(const Problem& m) {
             const int current = step & 1;
             if (more) fetch_step(m, a_load, b_load, a_next, b_next);  // in flight during ...
             multiply_tiles<true>(a_tile[current], b_tile[current], acc, ty, tx);  // ... this
-            if (more) store_step(a_tile[current ^ 1], b_tile[current ^ 1], a_next, b_next);
+            if (more)
+                store_step(a_tile[current ^ 1], b_tile[current ^ 1], a_next, b_next,
+                           Problem::b_along_depth);
             __syncthreads();  // the other copy is complete, and nobody reads this one any more
         } else {
             multiply_tiles<false>(a_tile[0], b_tile[0], acc, ty, tx);
             __syncthreads();  // everyone is done reading the tiles
             if (more) {
                 fetch_step(m, a_load, b_load, a_next, b_next);
-                store_step(a_tile[0], b_tile[0], a_next, b_next);
+                store_step(a_tile[0], b_tile[0], a_next, b_next, Problem::b_along_depth);
             }
             __syncthreads();  // the next tiles are complete
         }
@@ -480,6 +494,7 @@ __device__ void blocked_matmul(const Problem& m) {
 // tap table; y[n, k, p, q] = C + bias[k], then max(., 0) if `relu` (the layer's activation,
 // fused into the epilogue).
 struct ForwardBlocked {
+    static const bool b_along_depth = false;  // see store_step
     Conv g;
     const scalar_t* x;
     const scalar_t* weight;
@@ -535,6 +550,7 @@ struct ForwardBlocked {
 // Input gradient: A[c, d] = weight[k, c, r, s] with d = (k, r, s); B[d, (n, h, w)] = grad_out
 // at the output pixel whose tap (r, s) read (h, w), or zero; grad_x = C + bias[c].
 struct InputGradBlocked {
+    static const bool b_along_depth = false;  // see store_step
     Conv g;
     const scalar_t* grad_out;
     const scalar_t* weight;
@@ -608,6 +624,7 @@ struct PixelCursor {
 // Weight gradient: A[k, (n, p, q)] = grad_out; B[(n, p, q), (c, r, s)] = im2col(x)^T;
 // C goes to slice blockIdx.z of the workspace (K, C*R*S) per depth slice.
 struct WeightGradBlocked {
+    static const bool b_along_depth = true;  // see store_step
     Conv g;
     const scalar_t* grad_out;
     const scalar_t* x;
@@ -703,6 +720,7 @@ __device__ __forceinline__ int up_index(const Up& u, int n, int row, int h, int 
 
 // Forward: A[(k, a, b), c] = weight[c, k, a, b]; B[c, (n, h, w)] = x.
 struct UpForward {
+    static const bool b_along_depth = false;  // see store_step
     Up u;
     const scalar_t* x;
     const scalar_t* weight;
@@ -751,6 +769,7 @@ struct UpForward {
 // Input gradient: A[c, (k, a, b)] = weight[c, k, a, b]; B[(k, a, b), (n, h, w)] =
 // grad_out[n, k, 2h + a, 2w + b].
 struct UpInputGrad {
+    static const bool b_along_depth = false;  // see store_step
     Up u;
     const scalar_t* grad_out;
     const scalar_t* weight;
@@ -796,6 +815,7 @@ struct UpInputGrad {
 // Weight gradient: A[c, (n, h, w)] = x; B[(n, h, w), (k, a, b)] = grad_out[n, k, 2h+a, 2w+b];
 // C (C, 4K) goes to slice blockIdx.z of the workspace.
 struct UpWeightGrad {
+    static const bool b_along_depth = true;  // see store_step
     Up u;
     const scalar_t* grad_out;
     const scalar_t* x;
