@@ -48,7 +48,7 @@ def test_cli_accepts_a_pretrained_name(models, tmp_path, capsys):
     assert "no pretrained model of that name (pretrained: cells" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["dsb2018"])
+@pytest.mark.parametrize("name", ["dsb2018", "isbi2012"])
 def test_shipped_model_equals_the_same_weights_in_pytorch(name):
     """Each shipped file loads into a network that computes what PyTorch computes with its
     weights, and predicts a 512x512 image with no other argument."""
