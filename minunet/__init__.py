@@ -2,7 +2,8 @@
 
 The package is layered, and data flows one way through it::
 
-    arrays -> minunet.functional (kernels: forward/backward pairs)
+    minunet.shapes, minunet.checks (shape arithmetic, argument checks)
+           -> minunet.cuda (CUDA kernels), minunet.functional (kernels: forward/backward pairs)
            -> minunet.nn (layers holding parameters)
            -> minunet.UNet -> minunet.losses / minunet.optim
            -> minunet.train, minunet.predict, minunet.slides (whole slides on Dask),
@@ -24,15 +25,15 @@ _LAZY = {
     "save": "minunet.serialization",
     "load": "minunet.serialization",
     "predict": "minunet.inference",
-    "count_cells": "minunet.postprocess",
+    "count_cells": "minunet.inference",
     "pretrained": "minunet.zoo",
     "list_pretrained": "minunet.zoo",
     "model_card": "minunet.zoo",
 }
 _SUBMODULES = {
-    "backend", "shapes", "functional", "nn", "unet", "losses", "optim", "serialization",
-    "data", "metrics", "inference", "postprocess", "slides", "train", "cuda", "torch_reference",
-    "cli", "zoo", "results", "book",
+    "backend", "shapes", "checks", "files", "functional", "nn", "unet", "losses", "optim",
+    "serialization", "data", "metrics", "inference", "postprocess", "slides", "train", "cuda",
+    "torch_reference", "cli", "zoo", "results", "book",
 }
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)

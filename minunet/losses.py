@@ -13,40 +13,8 @@ on CuPy arrays :func:`softmax_cross_entropy`, the U-Net's loss, runs one CUDA ke
 from __future__ import annotations
 
 from minunet.backend import get_array_module
+from minunet.checks import check_class_target, check_floating, check_pixel_weight
 from minunet.functional._dispatch import dispatch_on_array_type
-
-
-def _check_float(name: str, x) -> None:
-    if not hasattr(x, "dtype") or x.dtype.kind != "f":
-        raise TypeError(f"{name} must be a floating-point array, got "
-                        f"{getattr(x, 'dtype', type(x).__name__)}")
-
-
-def _check_class_target(logits, target) -> None:
-    """``target`` must be integer class indices of shape (N, *spatial) in [0, C)."""
-    _check_float("logits", logits)
-    if logits.ndim < 2:
-        raise ValueError(f"logits must be (N, C, ...), got shape {tuple(logits.shape)}")
-    expected = (logits.shape[0], *logits.shape[2:])
-    if not hasattr(target, "dtype") or target.dtype.kind not in "iu":
-        raise TypeError(f"target must be an integer array of class indices, got "
-                        f"{getattr(target, 'dtype', type(target).__name__)}")
-    if tuple(target.shape) != expected:
-        raise ValueError(f"target must have shape {expected} (logits without the class axis), "
-                         f"got {tuple(target.shape)}")
-    num_classes = logits.shape[1]
-    if target.size and (int(target.min()) < 0 or int(target.max()) >= num_classes):
-        raise ValueError(f"target values must lie in [0, {num_classes}), "
-                         f"got range [{int(target.min())}, {int(target.max())}]")
-
-
-def _check_weight(weight, expected_shape) -> None:
-    if weight is None:
-        return
-    _check_float("weight", weight)
-    if tuple(weight.shape) != tuple(expected_shape):
-        raise ValueError(f"weight must have shape {tuple(expected_shape)}, "
-                         f"got {tuple(weight.shape)}")
 
 
 def _one_hot(target, num_classes: int, dtype, xp):
@@ -64,7 +32,7 @@ def log_softmax(logits, axis: int = 1):
 
 def softmax(logits, axis: int = 1):
     """``p_k = exp(z_k) / sum_j exp(z_j)`` along ``axis`` (the class axis of NCHW logits)."""
-    _check_float("logits", logits)
+    check_floating("logits", logits)
     return get_array_module(logits).exp(log_softmax(logits, axis))
 
 
@@ -84,8 +52,8 @@ def softmax_cross_entropy(logits, target, weight=None):
     ``(F.cross_entropy(logits, target, reduction='none') * weight).mean()``.
     Any number of spatial axes works (shapes (N, C, *S) and (N, *S)).
     """
-    _check_class_target(logits, target)
-    _check_weight(weight, target.shape)
+    check_class_target(logits, target)
+    check_pixel_weight(weight, target.shape)
     xp = get_array_module(logits, target, weight)
     log_p = log_softmax(logits, axis=1)
     one_hot = _one_hot(target, logits.shape[1], logits.dtype, xp)
@@ -110,12 +78,12 @@ def binary_cross_entropy_with_logits(logits, target, weight=None):
 
     as ``torch.nn.functional.binary_cross_entropy_with_logits(z, t, weight=w)``.
     """
-    _check_float("logits", logits)
-    _check_float("target", target)
+    check_floating("logits", logits)
+    check_floating("target", target)
     if tuple(target.shape) != tuple(logits.shape):
         raise ValueError(f"target must have the logits' shape {tuple(logits.shape)}, "
                          f"got {tuple(target.shape)}")
-    _check_weight(weight, logits.shape)
+    check_pixel_weight(weight, logits.shape)
     xp = get_array_module(logits, target, weight)
     target = target.astype(logits.dtype, copy=False)  # results keep the logits' dtype
     elementwise = (xp.maximum(logits, 0) - logits * target
@@ -145,15 +113,15 @@ def soft_dice(scores, target, eps: float = 1.0, from_logits: bool = True):
     and, through the softmax, ``dL/dz_k = p_k * (dL/dp_k - sum_c p_c dL/dp_c)``.
     Returns ``(loss, dL/d(scores))``.
     """
-    _check_float("scores", scores)
+    check_floating("scores", scores)
     xp = get_array_module(scores, target)
     if scores.ndim < 2:
         raise ValueError(f"scores must be (N, C, ...), got shape {tuple(scores.shape)}")
     if hasattr(target, "dtype") and target.dtype.kind in "iu":
-        _check_class_target(scores, target)
+        check_class_target(scores, target)
         target = _one_hot(target, scores.shape[1], scores.dtype, xp)
     else:
-        _check_float("target", target)
+        check_floating("target", target)
         if tuple(target.shape) != tuple(scores.shape):
             raise ValueError(f"a float target must have the scores' shape "
                              f"{tuple(scores.shape)}, got {tuple(target.shape)}")

@@ -27,19 +27,7 @@ import numpy as np
 from minunet import functional as F
 from minunet import shapes
 from minunet.backend import get_array_module, is_cupy_array, to_device
-
-FLOAT_DTYPES = ("float32", "float64")
-
-
-def float_dtype(dtype) -> np.dtype:
-    """Check ``dtype`` (``"float32"``, ``"float64"`` or the NumPy equivalent) and return it."""
-    try:
-        resolved = np.dtype(dtype)
-    except TypeError as exc:
-        raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}") from exc
-    if resolved.name not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    return resolved
+from minunet.checks import float_dtype
 
 
 def he_normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: float, dtype) -> np.ndarray:
@@ -224,13 +212,8 @@ class ModuleList(Module):
 
 class _ConvolutionLayer(Module):
     """What Conv2d and ConvTranspose2d share: a weight, an optional bias, a cached input, and
-    a forward/backward kernel pair from :mod:`minunet.functional` called with the layer's own
-    geometry (:meth:`_geometry`)."""
-
-    # Names of the kernel pair in minunet.functional, looked up at each call (so that the
-    # kernels can be swapped, e.g. for emulated CUDA ones in the tests).
-    forward_kernel: str
-    backward_kernel: str
+    a forward/backward kernel pair from :mod:`minunet.functional` that each layer calls with
+    its own geometry (:meth:`_kernel`, :meth:`_kernel_backward`)."""
 
     def __init__(self, weight, out_channels: int, bias: bool):
         super().__init__()
@@ -238,19 +221,21 @@ class _ConvolutionLayer(Module):
         self.bias = Parameter(np.zeros(out_channels, weight.dtype)) if bias else None
         self._x = None
 
-    def _geometry(self) -> dict:
+    def _kernel(self, x, weight, bias):
+        """The layer's forward kernel, called with the layer's geometry."""
+        raise NotImplementedError
+
+    def _kernel_backward(self, grad_out, x, weight):
+        """The layer's backward kernel: ``(grad_x, grad_weight, grad_bias)``."""
         raise NotImplementedError
 
     def forward(self, x):
         self._x = x
-        bias = None if self.bias is None else self.bias.data
-        kernel = getattr(F, self.forward_kernel)
-        return kernel(x, self.weight.data, bias, **self._geometry())
+        return self._kernel(x, self.weight.data, None if self.bias is None else self.bias.data)
 
     def backward(self, grad_out):
         x = self._require_cache(self._x)
-        kernel = getattr(F, self.backward_kernel)
-        grad_x, grad_w, grad_b = kernel(grad_out, x, self.weight.data, **self._geometry())
+        grad_x, grad_w, grad_b = self._kernel_backward(grad_out, x, self.weight.data)
         self.weight.grad += grad_w
         if self.bias is not None:
             self.bias.grad += grad_b
@@ -269,9 +254,6 @@ class Conv2d(_ConvolutionLayer):
     ``padding``: int, pair, ``"valid"`` or ``"same"``.
     """
 
-    forward_kernel = "conv2d"
-    backward_kernel = "conv2d_backward"
-
     def __init__(self, in_channels: int, out_channels: int, kernel_size, padding=0,
                  bias: bool = True, dtype="float32", seed=None):
         kh, kw = shapes.pair(kernel_size, "kernel_size", minimum=1)
@@ -282,8 +264,11 @@ class Conv2d(_ConvolutionLayer):
         self.padding = padding
         self._pads = shapes.resolve_padding(padding, (kh, kw), (1, 1), (1, 1))
 
-    def _geometry(self):
-        return {"padding": self.padding}
+    def _kernel(self, x, weight, bias):
+        return F.conv2d(x, weight, bias, padding=self.padding)
+
+    def _kernel_backward(self, grad_out, x, weight):
+        return F.conv2d_backward(grad_out, x, weight, padding=self.padding)
 
     def output_shape(self, input_shape):
         n, _, h, w = input_shape
@@ -305,9 +290,6 @@ class ConvTranspose2d(_ConvolutionLayer):
     weight's second axis as fan-in; that is not the number of incoming nodes.)
     """
 
-    forward_kernel = "conv_transpose2d"
-    backward_kernel = "conv_transpose2d_backward"
-
     def __init__(self, in_channels: int, out_channels: int, kernel_size=2, stride=2,
                  bias: bool = True, dtype="float32", seed=None):
         kh, kw = shapes.pair(kernel_size, "kernel_size", minimum=1)
@@ -319,8 +301,11 @@ class ConvTranspose2d(_ConvolutionLayer):
         self.kernel_size = (kh, kw)
         self.stride = (sh, sw)
 
-    def _geometry(self):
-        return {"stride": self.stride}
+    def _kernel(self, x, weight, bias):
+        return F.conv_transpose2d(x, weight, bias, stride=self.stride)
+
+    def _kernel_backward(self, grad_out, x, weight):
+        return F.conv_transpose2d_backward(grad_out, x, weight, stride=self.stride)
 
     def output_shape(self, input_shape):
         n, _, h, w = input_shape

@@ -22,11 +22,17 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def without_barriers(tmp_path_factory):
+def runner_without_barriers(tmp_path_factory):
     """The kernels that need __syncthreads(), compiled with every barrier removed."""
     sources = {file: cuda.source(file) for file in ("conv2d.cu", "reduction.cu")}
     return EmulatedRunner(tmp_path_factory.mktemp("cuda_emu_omit_sync"),
                           defines=("MINUNET_OMIT_SYNC",), sources=sources)
+
+
+@pytest.fixture
+def without_barriers(runner_without_barriers, monkeypatch):
+    """:mod:`minunet.cuda.ops` launches the barrier-free kernels in this test."""
+    monkeypatch.setattr(ops, "gpu_runner", lambda: runner_without_barriers)
 
 
 def test_a_missing_barrier_breaks_the_tiled_convolution(without_barriers, rng):
@@ -34,29 +40,28 @@ def test_a_missing_barrier_breaks_the_tiled_convolution(without_barriers, rng):
     bias = rng.standard_normal(18)
     expected = F.conv2d(x, weight, bias, padding=1)
     # The naive kernel has no barrier to lose: still right ...
-    naive = ops.conv2d(x, weight, bias, padding=1, algorithm="naive", runner=without_barriers)
+    naive = ops.conv2d(x, weight, bias, padding=1, algorithm="naive")
     np.testing.assert_allclose(naive, expected, rtol=1e-12, atol=1e-12)
     # ... the tiled kernel reads tiles before the other threads have filled them: wrong.
-    tiled = ops.conv2d(x, weight, bias, padding=1, algorithm="tiled", runner=without_barriers)
+    tiled = ops.conv2d(x, weight, bias, padding=1, algorithm="tiled")
     assert not np.allclose(tiled, expected)
 
 
 @pytest.mark.parametrize("rung", ["blocked", "pipelined"])
 def test_a_missing_barrier_breaks_the_register_blocked_kernels(without_barriers, rung, rng):
     x, weight = rng.standard_normal((2, 3, 6, 7)), rng.standard_normal((5, 3, 3, 3))
-    y = ops.conv2d(x, weight, padding=1, algorithm=rung, runner=without_barriers)
+    y = ops.conv2d(x, weight, padding=1, algorithm=rung)
     assert not np.allclose(y, F.conv2d(x, weight, padding=1))
-    grad_weight = ops.conv2d_backward(y, x, weight, padding=1, algorithm=rung,
-                                      runner=without_barriers)[1]
+    grad_weight = ops.conv2d_backward(y, x, weight, padding=1, algorithm=rung)[1]
     assert not np.allclose(grad_weight, F.conv2d_backward(y, x, weight, padding=1)[1])
     up_weight = weight[:3, :2, :2, :2].copy()  # (C_in, C_out, 2, 2): the up-convolution kernel
-    up = ops.conv_transpose2d(x, up_weight, stride=2, algorithm=rung, runner=without_barriers)
+    up = ops.conv_transpose2d(x, up_weight, stride=2, algorithm=rung)
     assert not np.allclose(up, F.conv_transpose2d(x, up_weight, stride=2))
 
 
 def test_a_missing_barrier_breaks_the_tree_reduction(without_barriers, rng):
     x = rng.standard_normal((2, 4, 300))
-    total = ops.channel_sum(x, runner=without_barriers)
+    total = ops.channel_sum(x)
     assert not np.allclose(total, x.sum(axis=(0, 2)))
 
 

@@ -33,19 +33,24 @@ def emulated_runner(tmp_path_factory):
     return EmulatedRunner(tmp_path_factory.mktemp("cuda_emu"))
 
 
+@pytest.fixture
+def on_emulator(emulated_runner, monkeypatch):
+    """:mod:`minunet.cuda.ops` launches its kernels on the CPU emulation in this test."""
+    monkeypatch.setattr(ops, "gpu_runner", lambda: emulated_runner)
+    return emulated_runner
+
+
 class Device:
     """Runs an op of :mod:`minunet.cuda.ops` on NumPy inputs and returns NumPy outputs."""
 
-    def __init__(self, runner, put):
-        self.runner = runner
-        self.put = put  # NumPy array -> array of the runner
+    def __init__(self, put):
+        self.put = put  # NumPy array -> array of the device
 
     def __call__(self, op: str, *args, **kwargs):
         def moved(a):
             return self.put(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
 
-        result = getattr(ops, op)(*map(moved, args), runner=self.runner,
-                                  **{k: moved(v) for k, v in kwargs.items()})
+        result = getattr(ops, op)(*map(moved, args), **{k: moved(v) for k, v in kwargs.items()})
         if isinstance(result, tuple):
             return tuple(to_numpy(r) for r in result)
         return None if result is None else to_numpy(result)
@@ -54,10 +59,8 @@ class Device:
 @pytest.fixture(params=["emulated", pytest.param("cupy", marks=pytest.mark.gpu)])
 def device(request) -> Device:
     if request.param == "emulated":
-        runner = request.getfixturevalue("emulated_runner")
-        return Device(runner, runner.contiguous)
-    runner = ops.gpu_runner()
-    return Device(runner, runner.xp.asarray)
+        return Device(request.getfixturevalue("on_emulator").contiguous)
+    return Device(ops.gpu_runner().xp.asarray)
 
 
 def assert_close(actual, expected, dtype):
@@ -154,16 +157,16 @@ def test_conv2d_with_fused_relu(device, algorithm, dtype, rng):
 
 
 @pytest.mark.parametrize("rung", ["blocked", "pipelined"])
-def test_split_k_weight_gradient_is_right_and_bit_reproducible(emulated_runner, rung, rng):
+def test_split_k_weight_gradient_is_right_and_bit_reproducible(on_emulator, rung, rng):
     """A long depth (2*10*10 pixels) over few output tiles: the weight gradient is split into
     depth slices summed in a fixed order, which gives the same bits on every call."""
     x, weight = rng.standard_normal((2, 2, 12, 12)), rng.standard_normal((3, 2, 3, 3))
     grad_out = rng.standard_normal((2, 3, 10, 10))
     assert 200 // ops._split_depth(3, 18, 200) >= 2  # several slices
-    before = emulated_runner.launched.get("conv2d_sum_splits", 0)
-    first = ops.conv2d_backward(grad_out, x, weight, algorithm=rung, runner=emulated_runner)[1]
-    again = ops.conv2d_backward(grad_out, x, weight, algorithm=rung, runner=emulated_runner)[1]
-    assert emulated_runner.launched["conv2d_sum_splits"] == before + 2
+    before = on_emulator.launched.get("conv2d_sum_splits", 0)
+    first = ops.conv2d_backward(grad_out, x, weight, algorithm=rung)[1]
+    again = ops.conv2d_backward(grad_out, x, weight, algorithm=rung)[1]
+    assert on_emulator.launched["conv2d_sum_splits"] == before + 2
     np.testing.assert_array_equal(first, again)
     assert_close(first, F.conv2d_backward(grad_out, x, weight)[1], "float64")
 
@@ -304,8 +307,7 @@ def test_sgd_momentum_update_matches_torch(device, shape, rng):
         lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01), param, grads)
     p, velocity = device.put(param.copy()), device.put(np.zeros(shape))
     for g, wanted in zip(grads, expected, strict=True):
-        ops.sgd_momentum_update(p, device.put(g), velocity, 0.1, 0.9, 0.01,
-                                runner=device.runner)
+        ops.sgd_momentum_update(p, device.put(g), velocity, 0.1, 0.9, 0.01)
         assert_close(to_numpy(p), wanted, "float64")
 
 
@@ -319,18 +321,16 @@ def test_adam_update_matches_torch(device, shape, rng):
     p = device.put(param.copy())
     m, v = device.put(np.zeros(shape)), device.put(np.zeros(shape))
     for step, (g, wanted) in enumerate(zip(grads, expected, strict=True), start=1):
-        ops.adam_update(p, device.put(g), m, v, step, 0.01, 0.8, 0.95, 1e-6, 0.1,
-                        runner=device.runner)
+        ops.adam_update(p, device.put(g), m, v, step, 0.01, 0.8, 0.95, 1e-6, 0.1)
         assert_close(to_numpy(p), wanted, "float64")
 
 
 def test_in_place_updates_refuse_mismatched_state(device, rng):
     param = device.put(rng.standard_normal((4, 3)))
     with pytest.raises(ValueError, match="velocity must have the shape"):
-        ops.sgd_momentum_update(param, param, device.put(np.zeros((3, 4))), 0.1, 0.9,
-                                runner=device.runner)
+        ops.sgd_momentum_update(param, param, device.put(np.zeros((3, 4))), 0.1, 0.9)
     with pytest.raises(ValueError, match="step counts from 1"):
-        ops.adam_update(param, param, param, param, 0, 0.1, runner=device.runner)
+        ops.adam_update(param, param, param, param, 0, 0.1)
 
 
 # --- A whole network -----------------------------------------------------------------------
@@ -380,11 +380,11 @@ def test_a_whole_training_step_runs_on_the_kernels(emulated_runner, monkeypatch,
 # --- The whole API --------------------------------------------------------------------------
 
 
-def test_every_kernel_is_launched_by_the_ops(emulated_runner, rng):
+def test_every_kernel_is_launched_by_the_ops(on_emulator, rng):
     """Each kernel of each file is reached from :mod:`minunet.cuda.ops` (their correctness
     is the business of the tests above)."""
-    device = Device(emulated_runner, emulated_runner.contiguous)
-    before = dict(emulated_runner.launched)
+    device = Device(on_emulator.contiguous)
+    before = dict(on_emulator.launched)
     x, w = rng.standard_normal((1, 2, 9, 9)), rng.standard_normal((2, 2, 2, 2))
     for algorithm in ALGORITHMS:  # 64 pixels: two depth slices for the weight gradient
         y = device("conv2d", x, w, algorithm=algorithm)
@@ -396,10 +396,10 @@ def test_every_kernel_is_launched_by_the_ops(emulated_runner, rng):
     device("relu_backward", x, device("relu", x))
     device("softmax_cross_entropy", x, rng.integers(0, 2, (1, 9, 9)))
     p, g, m, v = (device.put(np.zeros(3)) for _ in range(4))
-    ops.sgd_momentum_update(p, g, m, 0.1, 0.9, runner=emulated_runner)
-    ops.adam_update(p, g, m, v, 1, 0.1, runner=emulated_runner)
+    ops.sgd_momentum_update(p, g, m, 0.1, 0.9)
+    ops.adam_update(p, g, m, v, 1, 0.1)
     missed = [name for file in cuda.KERNEL_FILES for name in cuda.kernel_names(file)
-              if emulated_runner.launched.get(name, 0) == before.get(name, 0)]
+              if on_emulator.launched.get(name, 0) == before.get(name, 0)]
     assert not missed
 
 

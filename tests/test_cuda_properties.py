@@ -24,9 +24,13 @@ EXAMPLES = hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
+    """:mod:`minunet.cuda.ops` launches its kernels on the CPU emulation in this module."""
     if compiler() is None:
         pytest.skip("the CPU emulation of the CUDA kernels needs g++ (apt install g++)")
-    return EmulatedRunner(tmp_path_factory.mktemp("cuda_emu_properties"))
+    emulated = EmulatedRunner(tmp_path_factory.mktemp("cuda_emu_properties"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "gpu_runner", lambda: emulated)
+        yield emulated
 
 
 def assert_close(actual, expected):
@@ -61,10 +65,10 @@ def conv_problems(draw):
 def test_conv2d_on_random_geometries(runner, problem, algorithm):
     x, weight, kwargs = problem
     bias = np.linspace(-1, 1, weight.shape[0])
-    y = ops.conv2d(x, weight, bias, algorithm=algorithm, runner=runner, **kwargs)
+    y = ops.conv2d(x, weight, bias, algorithm=algorithm, **kwargs)
     assert_close(y, F.conv2d(x, weight, bias, **kwargs))
     grad_out = np.cos(np.arange(y.size)).reshape(y.shape)
-    got = ops.conv2d_backward(grad_out, x, weight, algorithm=algorithm, runner=runner,
+    got = ops.conv2d_backward(grad_out, x, weight, algorithm=algorithm,
                               **kwargs)
     for mine, oracle in zip(got, F.conv2d_backward(grad_out, x, weight, **kwargs),
                             strict=True):
@@ -99,11 +103,10 @@ def transpose_problems(draw):
 def test_conv_transpose2d_on_random_geometries(runner, problem, algorithm):
     x, weight, kwargs = problem
     bias = np.linspace(-1, 1, weight.shape[1])
-    y = ops.conv_transpose2d(x, weight, bias, algorithm=algorithm, runner=runner, **kwargs)
+    y = ops.conv_transpose2d(x, weight, bias, algorithm=algorithm, **kwargs)
     assert_close(y, F.conv_transpose2d(x, weight, bias, **kwargs))
     grad_out = np.sin(np.arange(y.size)).reshape(y.shape)
-    got = ops.conv_transpose2d_backward(grad_out, x, weight, algorithm=algorithm,
-                                        runner=runner, **kwargs)
+    got = ops.conv_transpose2d_backward(grad_out, x, weight, algorithm=algorithm, **kwargs)
     for mine, oracle in zip(got, F.conv_transpose2d_backward(grad_out, x, weight, **kwargs),
                             strict=True):
         assert_close(mine, oracle)
@@ -120,10 +123,10 @@ def test_max_pool2d_on_random_geometries(runner, data):
     rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
     x = rng.integers(0, 4, (2, 2, *size)).astype(np.float64)  # ties are common
     kwargs = dict(kernel_size=kernel, stride=stride, padding=padding)
-    y, indices = ops.max_pool2d(x, return_indices=True, runner=runner, **kwargs)
+    y, indices = ops.max_pool2d(x, return_indices=True, **kwargs)
     expected, expected_indices = F.max_pool2d(x, return_indices=True, **kwargs)
     np.testing.assert_array_equal(y, expected)
     np.testing.assert_array_equal(indices, expected_indices)
     grad_out = rng.standard_normal(y.shape)
-    assert_close(ops.max_pool2d_backward(grad_out, x, runner=runner, **kwargs),
+    assert_close(ops.max_pool2d_backward(grad_out, x, **kwargs),
                  F.max_pool2d_backward(grad_out, x, **kwargs))

@@ -328,7 +328,7 @@ def test_convolution_and_transpose_are_adjoint(seed):
 
 def test_im2col_and_col2im_are_adjoint(rng):
     x, weight, _, kwargs, _ = random_conv_case(7, small=True)
-    from minunet.functional._validate import conv2d_arguments
+    from minunet.checks import conv2d_arguments
 
     geometry = conv2d_arguments(x, weight, None, **kwargs)
     x_pad = rng.standard_normal((x.shape[0], x.shape[1], *geometry.padded_hw))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import minunet.functional as mf
 
@@ -92,3 +93,31 @@ def test_saved_indices_must_match_grad_out():
         mf.max_pool2d_backward(GP, X, 2, indices=indices[:, :, :3])
     with pytest.raises(ValueError, match="indices must be the integer array"):
         mf.max_pool2d_backward(GP, X, 2, indices=indices.astype(np.float64))
+
+
+EMPTY = [  # (x channels, weight shape): no output channels, no input channels, a 0x0 kernel
+    (3, (0, 3, 3, 3)), (0, (4, 0, 3, 3)), (3, (4, 3, 0, 0)), (3, (4, 3, 2, 0)),
+]
+
+
+@pytest.mark.parametrize("channels, shape", EMPTY)
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+def test_weights_without_elements_are_refused_by_name(channels, shape, transposed):
+    """These used to end in a ZeroDivisionError or a reshape error. PyTorch refuses them
+    too, except zero input channels, where it returns an empty result of a wrong shape."""
+    if transposed:  # the transposed weight is (C_in, C_out, kH, kW)
+        shape = (shape[1], shape[0], *shape[2:])
+        functions = TRANSPOSE + TRANSPOSE_BACKWARD
+        torch_function = torch.nn.functional.conv_transpose2d
+    else:
+        functions = CONV + CONV_BACKWARD
+        torch_function = torch.nn.functional.conv2d
+    x, weight = np.zeros((2, channels, 8, 8)), np.zeros(shape)
+    if channels:
+        with pytest.raises(RuntimeError):
+            torch_function(torch.from_numpy(x), torch.from_numpy(weight))
+    for function in functions:
+        args = (x, weight) if function in (*CONV, *TRANSPOSE) else (np.zeros((2, 1, 1, 1)), x,
+                                                                   weight)
+        with pytest.raises(ValueError, match="weight must have at least one element"):
+            function(*args)

@@ -133,3 +133,24 @@ def test_inputs_are_not_modified(rng):
     mf.max_pool2d_backward_reference(grad_out, x, 2)
     for before, after in ((x_copy, x), (grad_copy, grad_out), (indices_copy, indices)):
         np.testing.assert_array_equal(before, after)
+
+
+@pytest.mark.parametrize("window", [[1.0, np.nan, 3.0, 0.5], [np.nan, 1.0, np.nan, 5.0],
+                                    [5.0, 1.0, 2.0, np.nan]], ids=["one", "two", "last"])
+def test_a_nan_in_a_window_routes_the_gradient_as_torch_does(window, rng):
+    """PyTorch's running maximum is replaced by every NaN it meets: the output is NaN and the
+    last NaN in row-major window order takes the gradient."""
+    x = rng.standard_normal((1, 2, 4, 6))
+    x[0, 1, 2:4, 2:4] = np.reshape(window, (2, 2))
+    grad_out = rng.standard_normal((1, 2, 2, 3))
+    x_t = torch.from_numpy(x).requires_grad_(True)
+    out_t, indices_t = F.max_pool2d(x_t, 2, return_indices=True)
+    out_t.backward(torch.from_numpy(grad_out))
+    out, indices = mf.max_pool2d(x, 2, return_indices=True)
+    np.testing.assert_array_equal(out, out_t.detach().numpy())  # NaN where torch has NaN
+    np.testing.assert_array_equal(mf.max_pool2d_reference(x, 2), out)
+    np.testing.assert_array_equal(indices, indices_t.numpy())
+    for grad in (mf.max_pool2d_backward(grad_out, x, 2),
+                 mf.max_pool2d_backward(grad_out, x, 2, indices=indices),
+                 mf.max_pool2d_backward_reference(grad_out, x, 2)):
+        np.testing.assert_array_equal(grad, x_t.grad.numpy())

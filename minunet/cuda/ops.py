@@ -6,13 +6,13 @@ the same name and signature. Each function below is *host code*: it checks the a
 :mod:`minunet.shapes`), allocates the outputs, picks a grid of thread blocks and launches
 kernels from the ``.cu`` files of this package.
 
-Who executes the launches is the ``runner``: by default :class:`CupyRunner`, which compiles
-each file once per element type with ``cupy.RawModule`` and runs it on the GPU. The tests
-pass a runner that executes the same kernels on the CPU, so this module is checked line for
-line on machines without a GPU. A runner has ``xp`` (its array module), ``empty(shape,
-dtype)``, ``zeros(shape, dtype)``, ``contiguous(x)`` (``x`` as a C-contiguous array of the
-runner) and ``kernel(file, name, dtype)``, returning a callable ``kernel(grid, block, args)``
-as ``cupy.RawKernel`` is.
+Who executes the launches is the *runner* that :func:`gpu_runner` returns: a
+:class:`CupyRunner`, which compiles each file once per element type with ``cupy.RawModule``
+and runs it on the GPU. A runner has ``xp`` (its array module), ``empty(shape, dtype)``,
+``zeros(shape, dtype)``, ``contiguous(x)`` (``x`` as a C-contiguous array of the runner) and
+``kernel(file, name, dtype)``, returning a callable ``kernel(grid, block, args)`` as
+``cupy.RawKernel`` is. (The tests replace :func:`gpu_runner` with one that executes the
+same kernels on the CPU, so this module is checked line for line on machines without a GPU.)
 
 Convolutions take ``algorithm=`` one rung of the ladder of ``conv2d.cu``: ``"naive"`` (one
 thread per output element), ``"tiled"`` (shared-memory implicit GEMM), ``"blocked"`` (register
@@ -34,17 +34,18 @@ from typing import NamedTuple
 import numpy as np
 
 from minunet.backend import require_cupy
-from minunet.cuda import compile_options, defined_constant, source
-from minunet.functional._validate import (
+from minunet.checks import (
     FLOAT_DTYPES,
     ConvGeometry,
+    check_class_target,
     check_grad_out,
+    check_pixel_weight,
     check_same_dtype,
     conv2d_arguments,
     conv_transpose2d_arguments,
     max_pool2d_arguments,
 )
-from minunet.losses import _check_class_target, _check_weight
+from minunet.cuda import compile_options, defined_constant, source
 
 THREADS_PER_BLOCK = 256  # 1-D launches: eight warps per block
 TILE = defined_constant("conv2d.cu", "TILE")  # tiled kernels: TILE x TILE threads per block
@@ -66,7 +67,7 @@ INT_MAX = 2**31 - 1
 
 
 class CupyRunner:
-    """Runs the kernels on the GPU through CuPy (the default ``runner`` of every op)."""
+    """Runs the kernels on the GPU through CuPy."""
 
     def __init__(self):
         self.xp = require_cupy()
@@ -96,10 +97,6 @@ def _cupy_module(file: str, dtype_name: str):
 def gpu_runner() -> CupyRunner:
     """The shared :class:`CupyRunner`; raises a clear RuntimeError without CuPy or a GPU."""
     return CupyRunner()
-
-
-def _runner(runner):
-    return gpu_runner() if runner is None else runner
 
 
 # --- Launching ------------------------------------------------------------------------------
@@ -273,14 +270,14 @@ def _bias_or_zeros(run, bias, channels: int, dtype):
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, *,
-           algorithm=DEFAULT_ALGORITHM, relu=False, runner=None):
+           algorithm=DEFAULT_ALGORITHM, relu=False):
     """2-D convolution on the GPU; arguments, shapes and result as
     :func:`minunet.functional.conv2d`: x (N, C, H, W), weight (K, C, R, S), bias (K,) or
     None -> (N, K, P, Q). ``relu=True`` returns ``max(y, 0)`` (fused into the kernel's
     epilogue on the blocked rungs); ``algorithm`` picks the rung of the ladder."""
     geometry = conv2d_arguments(x, weight, bias, stride, padding, dilation)
     _check_size(x, weight)
-    run = _runner(runner)
+    run = gpu_runner()
     sizes = ConvSizes.of(x.shape[0], x.shape[1], weight.shape[0], geometry)
     y = run.empty((x.shape[0], weight.shape[0], *geometry.out_hw), x.dtype)
     inputs = (run.contiguous(x), run.contiguous(weight),
@@ -289,14 +286,14 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, *,
 
 
 def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, *,
-                    algorithm=DEFAULT_ALGORITHM, runner=None):
+                    algorithm=DEFAULT_ALGORITHM):
     """Gradients of :func:`conv2d`: ``(grad_x, grad_weight, grad_bias)`` with the shapes of
     x (N, C, H, W), weight (K, C, R, S) and the bias (K,), given grad_out (N, K, P, Q); as
     :func:`minunet.functional.conv2d_backward`."""
     geometry = conv2d_arguments(x, weight, None, stride, padding, dilation)
     check_grad_out(grad_out, (x.shape[0], weight.shape[0], *geometry.out_hw), x)
     _check_size(grad_out, x, weight)
-    run = _runner(runner)
+    run = gpu_runner()
     sizes = ConvSizes.of(x.shape[0], x.shape[1], weight.shape[0], geometry)
     grad_out, x, weight = run.contiguous(grad_out), run.contiguous(x), run.contiguous(weight)
     no_bias = run.zeros((x.shape[1],), x.dtype)
@@ -304,7 +301,7 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, *,
                         run.empty(x.shape, x.dtype))
     grad_weight = _conv_pass(run, "weight_grad", algorithm, sizes, (grad_out, x),
                              run.empty(weight.shape, x.dtype))
-    return grad_x, grad_weight, channel_sum(grad_out, runner=run)
+    return grad_x, grad_weight, channel_sum(grad_out)
 
 
 # A transposed convolution x (N, C, H, W) -> (N, K, P, Q) with weight (C, K, R, S) is the
@@ -332,7 +329,7 @@ def _uses_up_conv_kernels(geometry: ConvGeometry, algorithm: str) -> bool:
 
 
 def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, dilation=1,
-                     *, algorithm=DEFAULT_ALGORITHM, runner=None):
+                     *, algorithm=DEFAULT_ALGORITHM):
     """2-D transposed convolution on the GPU, as :func:`minunet.functional.conv_transpose2d`:
     x (N, C, H, W), weight (C, K, R, S), bias (K,) or None -> (N, K, P, Q) with
     ``P = (H-1)*stride - 2*padding + dilation*(R-1) + output_padding + 1``. One launch of the
@@ -341,7 +338,7 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     geometry = conv_transpose2d_arguments(x, weight, bias, stride, padding, output_padding,
                                           dilation)
     _check_size(x, weight)
-    run = _runner(runner)
+    run = gpu_runner()
     sizes = ConvSizes.of(x.shape[0], weight.shape[1], weight.shape[0], geometry)
     y = run.empty((x.shape[0], weight.shape[1], *geometry.in_hw), x.dtype)
     inputs = (run.contiguous(x), run.contiguous(weight),
@@ -356,7 +353,7 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
 
 
 def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_padding=0,
-                              dilation=1, *, algorithm=DEFAULT_ALGORITHM, runner=None):
+                              dilation=1, *, algorithm=DEFAULT_ALGORITHM):
     """Gradients of :func:`conv_transpose2d`: ``(grad_x, grad_weight, grad_bias)``, given
     grad_out (N, K, P, Q). grad_x is the forward convolution of grad_out,
     grad_weight the convolution's weight gradient with the roles of x and grad_out swapped."""
@@ -364,7 +361,7 @@ def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_p
                                           dilation)
     check_grad_out(grad_out, (x.shape[0], weight.shape[1], *geometry.in_hw), x)
     _check_size(grad_out, x, weight)
-    run = _runner(runner)
+    run = gpu_runner()
     sizes = ConvSizes.of(x.shape[0], weight.shape[1], weight.shape[0], geometry)
     grad_out, x, weight = run.contiguous(grad_out), run.contiguous(x), run.contiguous(weight)
     grad_x, grad_weight = run.empty(x.shape, x.dtype), run.empty(weight.shape, x.dtype)
@@ -382,7 +379,7 @@ def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_p
         no_bias = run.zeros((weight.shape[0],), x.dtype)
         _conv_pass(run, "forward", algorithm, sizes, (grad_out, weight, no_bias), grad_x)
         _conv_pass(run, "weight_grad", algorithm, sizes, (x, grad_out), grad_weight)
-    return grad_x, grad_weight, channel_sum(grad_out, runner=run)
+    return grad_x, grad_weight, channel_sum(grad_out)
 
 
 # --- Max-pooling ----------------------------------------------------------------------------
@@ -406,18 +403,17 @@ def _max_pool_forward(run, x, geometry: ConvGeometry):
     return y, argmax
 
 
-def max_pool2d(x, kernel_size, stride=None, padding=0, return_indices=False, *, runner=None):
+def max_pool2d(x, kernel_size, stride=None, padding=0, return_indices=False):
     """2-D max-pooling on the GPU, as :func:`minunet.functional.max_pool2d`:
     x (N, C, H, W) -> (N, C, P, Q), and the int64 flat indices ``h*W + w`` of the
     winners when ``return_indices`` (first maximum in row-major window order)."""
     geometry = max_pool2d_arguments(x, kernel_size, stride, padding)
     _check_size(x)
-    y, argmax = _max_pool_forward(_runner(runner), x, geometry)
+    y, argmax = _max_pool_forward(gpu_runner(), x, geometry)
     return (y, argmax.astype(np.int64)) if return_indices else y
 
 
-def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0, indices=None, *,
-                        runner=None):
+def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0, indices=None):
     """Gradient of :func:`max_pool2d`: grad_out (N, C, P, Q) -> grad_x (N, C, H, W).
 
     Each input pixel gathers the gradients of the windows it won; without ``indices`` the
@@ -425,7 +421,7 @@ def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0, indice
     geometry = max_pool2d_arguments(x, kernel_size, stride, padding)
     check_grad_out(grad_out, (*x.shape[:2], *geometry.out_hw), x)
     _check_size(x)
-    run = _runner(runner)
+    run = gpu_runner()
     if indices is None:
         _, argmax = _max_pool_forward(run, x, geometry)
     elif tuple(indices.shape) != tuple(grad_out.shape) or indices.dtype.kind not in "iu":
@@ -446,12 +442,12 @@ def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0, indice
 # --- Reductions, activations, loss ----------------------------------------------------------
 
 
-def channel_sum(x, *, runner=None):
+def channel_sum(x):
     """``out[c] = sum_{n, pixels} x[n, c, ...]`` for x (N, C, ...) -> (C,): the bias gradient
     of a convolution. Deterministic (a fixed tree of additions, no atomics)."""
     _check_float("x", x, min_ndim=2)
     _check_size(x)
-    run = _runner(runner)
+    run = gpu_runner()
     N, C = x.shape[:2]  # the letters of the .cu files
     HW = x.size // max(N * C, 1)
     out = run.empty((C,), x.dtype)
@@ -479,26 +475,26 @@ def _relu_forward(run, x):
     return y
 
 
-def relu(x, *, runner=None):
+def relu(x):
     """``max(x, 0)`` elementwise, any shape, float32/float64; a new array."""
     _check_float("x", x)
     _check_size(x)
-    return _relu_forward(_runner(runner), x)
+    return _relu_forward(gpu_runner(), x)
 
 
-def relu_backward(grad_out, x, *, runner=None):
+def relu_backward(grad_out, x):
     """Gradient of :func:`relu`: ``grad_out`` where ``x > 0``, else 0 (also at 0)."""
     _check_float("x", x)
     _check_like("x", x, grad_out=grad_out)
     _check_size(x)
-    run = _runner(runner)
+    run = gpu_runner()
     grad_x = run.empty(x.shape, x.dtype)
     _launch_1d(run.kernel("elementwise.cu", "relu_backward", x.dtype), x.size,
                (run.contiguous(grad_out), run.contiguous(x), grad_x, _int(x.size, "size")))
     return grad_x
 
 
-def softmax_cross_entropy(logits, target, weight=None, *, runner=None):
+def softmax_cross_entropy(logits, target, weight=None):
     """Pixel-wise weighted softmax cross-entropy and its gradient in one kernel, as
     :func:`minunet.losses.softmax_cross_entropy`: logits (N, K, H, W), target (N, H, W)
     integers in [0, K), weight (N, H, W) or None; with M = N*H*W,
@@ -507,11 +503,11 @@ def softmax_cross_entropy(logits, target, weight=None, *, runner=None):
         grad = (1/M) w * (softmax(logits) - one_hot(target))
 
     Returns ``(loss, grad_logits)``, the loss a 0-d array of the logits' dtype."""
-    _check_class_target(logits, target)
-    _check_weight(weight, target.shape)
+    check_class_target(logits, target)
+    check_pixel_weight(weight, target.shape)
     check_same_dtype("logits", logits, weight=weight)
     _check_size(logits)
-    run = _runner(runner)
+    run = gpu_runner()
     N, K = logits.shape[:2]
     HW = target.size // max(N, 1)
     if weight is None:
@@ -524,7 +520,7 @@ def softmax_cross_entropy(logits, target, weight=None, *, runner=None):
                (run.contiguous(logits), run.contiguous(target.astype(np.int32)),
                 run.contiguous(weight), pixel_loss, grad, _int(N, "batch"),
                 _int(K, "classes"), _int(HW, "pixels"), scale))
-    return channel_sum(pixel_loss, runner=run).reshape(()), grad
+    return channel_sum(pixel_loss).reshape(()), grad
 
 
 # --- Optimiser updates (in place) -----------------------------------------------------------
@@ -540,12 +536,12 @@ def _check_in_place(param, **state) -> None:
     _check_size(param)
 
 
-def sgd_momentum_update(param, grad, velocity, lr, momentum, weight_decay=0.0, *, runner=None):
+def sgd_momentum_update(param, grad, velocity, lr, momentum, weight_decay=0.0):
     """One SGD-with-momentum step, IN PLACE on ``param`` and ``velocity`` (PyTorch's rule, as
     :class:`minunet.optim.SGD`): ``g = grad + weight_decay*param``,
     ``velocity = momentum*velocity + g``, ``param -= lr*velocity``. Returns None."""
     _check_in_place(param, grad=grad, velocity=velocity)
-    run = _runner(runner)
+    run = gpu_runner()
     t = param.dtype.type
     _launch_1d(run.kernel("optimizers.cu", "sgd_momentum_update", param.dtype), param.size,
                (param, run.contiguous(grad), velocity, _int(param.size, "size"), t(lr),
@@ -553,7 +549,7 @@ def sgd_momentum_update(param, grad, velocity, lr, momentum, weight_decay=0.0, *
 
 
 def adam_update(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
-                weight_decay=0.0, *, runner=None):
+                weight_decay=0.0):
     """One Adam step number ``step`` (1, 2, ...), IN PLACE on ``param``, ``m`` and ``v``
     (PyTorch's rule, as :class:`minunet.optim.Adam`)::
 
@@ -564,7 +560,7 @@ def adam_update(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
     _check_in_place(param, grad=grad, m=m, v=v)
     if step < 1:
         raise ValueError(f"step counts from 1, got {step!r}")
-    run = _runner(runner)
+    run = gpu_runner()
     t = param.dtype.type
     _launch_1d(run.kernel("optimizers.cu", "adam_update", param.dtype), param.size,
                (param, run.contiguous(grad), m, v, _int(param.size, "size"), t(lr), t(beta1),

@@ -33,8 +33,8 @@ import math
 
 import numpy as np
 
+from minunet.checks import ConvGeometry, check_grad_out, conv2d_arguments
 from minunet.functional._dispatch import dispatch_on_array_type
-from minunet.functional._validate import ConvGeometry, check_grad_out, conv2d_arguments
 from minunet.functional.im2col import (
     col2im,
     column_blocks,

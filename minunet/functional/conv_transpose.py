@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from minunet.checks import check_grad_out, conv_transpose2d_arguments
 from minunet.functional._dispatch import dispatch_on_array_type
-from minunet.functional._validate import check_grad_out, conv_transpose2d_arguments
 from minunet.functional.conv import _correlate, _input_gradient, _weight_gradient
 from minunet.functional.im2col import crop2d, pad2d, receptive_field
 

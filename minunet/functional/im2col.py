@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from minunet.functional._validate import ConvGeometry
+from minunet.checks import ConvGeometry
 
 
 def tap(x, a: int, b: int, geometry: ConvGeometry):

@@ -9,19 +9,22 @@ that of a convolution: ``H_out = floor((H + 2*p_h - kH) / s_h) + 1``.
 pixels of a window share the maximum, the *first* of them in row-major window order
 (smallest ``a``, then smallest ``b``) receives the whole gradient, and the others none. This
 is what PyTorch's CPU kernel does; it keeps the gradient's total equal to ``grad_out``'s.
-Inputs are assumed to be free of NaN and ``-inf`` (which could tie with the padding).
+
+**NaN.** A window holding NaN has the maximum NaN, and its gradient goes to the *last* NaN
+in row-major window order: PyTorch's kernels keep a running maximum that every NaN replaces.
+Inputs are assumed to be free of ``-inf`` (which could tie with the padding).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from minunet.functional._dispatch import dispatch_on_array_type
-from minunet.functional._validate import (
+from minunet.checks import (
     ConvGeometry,
     check_grad_out,
     max_pool2d_arguments,
 )
+from minunet.functional._dispatch import dispatch_on_array_type
 from minunet.functional.im2col import crop2d, pad2d, receptive_field, tap
 
 # --- Reference kernels ----------------------------------------------------------------------
@@ -45,7 +48,7 @@ def max_pool2d_reference(x, kernel_size, stride=None, padding=0):
 def max_pool2d_backward_reference(grad_out, x, kernel_size, stride=None, padding=0):
     """Gradient of :func:`max_pool2d_reference`: grad_out (N, C, H_out, W_out) -> grad_x
     (N, C, H, W). Each window's gradient goes to its first maximum (``np.argmax`` returns the
-    first one in row-major order)."""
+    first one in row-major order), or to its last NaN if it holds any."""
     geometry = max_pool2d_arguments(x, kernel_size, stride, padding)
     check_grad_out(grad_out, (*x.shape[:2], *geometry.out_hw), x)
     x_pad = pad2d(x, geometry.padding, -np.inf)
@@ -56,7 +59,9 @@ def max_pool2d_backward_reference(grad_out, x, kernel_size, stride=None, padding
                 for j in range(geometry.out_hw[1]):
                     rows, cols = receptive_field(i, j, geometry)
                     window = x_pad[n, c, rows, cols]
-                    a, b = np.unravel_index(np.argmax(window), window.shape)
+                    nans = np.flatnonzero(np.isnan(window))
+                    winner = nans[-1] if nans.size else np.argmax(window)
+                    a, b = np.unravel_index(winner, window.shape)
                     grad_x_pad[n, c, rows.start + a, cols.start + b] += grad_out[n, c, i, j]
     return crop2d(grad_x_pad, geometry)
 
@@ -73,15 +78,21 @@ def _taps(geometry: ConvGeometry):
 def _pool(x_pad, geometry: ConvGeometry, *, track_winner: bool):
     """Running maximum over the taps, and (if ``track_winner``) which tap won:
     (N, C, H_pad, W_pad) -> (out, winner), both (N, C, H_out, W_out), ``winner = a*kW + b``
-    of the first tap in row-major window order that attains the maximum (else ``None``)."""
+    of the first tap in row-major window order that attains the maximum, or of the last NaN
+    (else ``None``)."""
     first, *rest = _taps(geometry)
     out = tap(x_pad, *first, geometry).copy()
     taps_dtype = np.min_scalar_type(len(rest))  # uint8 for kernels up to 16x16: less traffic
     winner = np.zeros(out.shape, dtype=taps_dtype) if track_winner else None
+    # NaN never compares greater, so a NaN tap must be told to win; checked only when needed
+    has_nan = track_winner and bool(np.isnan(x_pad).any())
     for index, (a, b) in enumerate(rest, start=1):
         candidate = tap(x_pad, a, b, geometry)
         if track_winner:  # strictly greater: on a tie the earlier tap keeps the win
-            winner += (index - winner) * (candidate > out)  # arithmetic beats masked copies
+            wins = candidate > out
+            if has_nan:
+                wins |= np.isnan(candidate)
+            winner += (index - winner) * wins  # arithmetic beats masked copies
         np.maximum(out, candidate, out=out)
     return out, winner
 

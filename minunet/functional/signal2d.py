@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from minunet.functional._validate import check_float_array, check_same_dtype
+from minunet.checks import check_float_array, check_same_dtype
 from minunet.functional.conv import conv2d
 from minunet.shapes import signal2d_mode_window
 

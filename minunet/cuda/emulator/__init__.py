@@ -1,10 +1,11 @@
 """Run the CUDA kernels on the CPU: compile them with g++ and ``cuda_emu.h``, launch from Python.
 
-:class:`EmulatedRunner` stands in for :class:`minunet.cuda.ops.CupyRunner`: the functions of
-:mod:`minunet.cuda.ops` take ``runner=...``, so the tests and the book run the SAME host code
-(sizes, grids, argument lists, the composition of passes) and the SAME kernels as on a GPU,
-with NumPy arrays standing in for GPU memory. It needs only g++ (:func:`compiler`), no GPU
-and no CuPy. ``README.md`` next to this file explains how the emulation works.
+:class:`EmulatedRunner` stands in for :class:`minunet.cuda.ops.CupyRunner`: inside
+``with launching_on(runner):`` (or with ``minunet.cuda.ops.gpu_runner`` replaced by pytest's
+``monkeypatch`` in the tests), the tests and the book run the SAME host code (sizes, grids,
+argument lists, the composition of passes) and the SAME kernels as on a GPU, with NumPy
+arrays standing in for GPU memory. It needs only g++ (:func:`compiler`), no GPU and no
+CuPy. ``README.md`` next to this file explains how the emulation works.
 
 Two things a GPU would punish are checked on every launch:
 
@@ -19,6 +20,7 @@ Two things a GPU would punish are checked on every launch:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import shutil
 import subprocess
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from minunet import cuda
+from minunet.cuda import ops
 
 HEADER = Path(__file__).resolve().parent / "cuda_emu.h"
 GUARD_BYTES = 64
@@ -133,7 +136,7 @@ def build(sources: dict[str, str], dtype, directory: Path, defines=()) -> Path:
 
 
 class EmulatedRunner:
-    """Executes :mod:`minunet.cuda.ops` on the CPU (the ``runner`` argument of every op).
+    """Executes the kernels of :mod:`minunet.cuda.ops` on the CPU.
 
     ``sources`` maps file names to CUDA text (by default every file of :mod:`minunet.cuda`);
     they are built on first use, into one library per dtype in ``directory`` (which must be
@@ -202,3 +205,15 @@ class EmulatedRunner:
             guards = np.concatenate([memory[:GUARD_BYTES], memory[-GUARD_BYTES:]])
             if (guards != GUARD_FILL).any():
                 raise EmulationError(f"{name} wrote outside an array (a guard byte changed)")
+
+
+@contextlib.contextmanager
+def launching_on(runner: EmulatedRunner):
+    """Within the block, :mod:`minunet.cuda.ops` launches its kernels on ``runner`` (for
+    scripts and the book; tests use pytest's ``monkeypatch`` the same way)."""
+    saved = ops.gpu_runner
+    ops.gpu_runner = lambda: runner
+    try:
+        yield runner
+    finally:
+        ops.gpu_runner = saved

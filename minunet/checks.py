@@ -1,4 +1,7 @@
-"""Argument checks shared by every kernel, fast and reference alike.
+"""Argument checks shared by the kernels (NumPy and CUDA), the layers and the losses.
+
+This module sits at the bottom of the package, next to :mod:`minunet.shapes`: everything
+above may use it, and it imports nothing of minunet but the shape arithmetic.
 
 Each ``*_arguments`` function checks what the user passed and returns the resolved
 geometry, so that a kernel starts from integers it can trust. The checks use only array
@@ -8,6 +11,8 @@ attributes (``shape``, ``dtype``), so they serve NumPy and CuPy arrays equally.
 from __future__ import annotations
 
 from typing import NamedTuple
+
+import numpy as np
 
 from minunet.shapes import (
     Padding2d,
@@ -23,6 +28,17 @@ from minunet.shapes import (
 )
 
 FLOAT_DTYPES = ("float32", "float64")
+
+
+def float_dtype(dtype) -> np.dtype:
+    """Check ``dtype`` (``"float32"``, ``"float64"`` or the NumPy equivalent) and return it."""
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}") from exc
+    if resolved.name not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return resolved
 
 
 class ConvGeometry(NamedTuple):
@@ -62,6 +78,42 @@ def check_float_array(x, name: str, layout: str):
     if x.ndim != ndim:
         raise ValueError(f"{name} must be a {ndim}-D array {layout}, got shape {tuple(x.shape)}")
     return x
+
+
+def check_floating(name: str, x) -> None:
+    """``x`` is an array of any floating-point dtype (the losses accept every precision)."""
+    if not hasattr(x, "dtype") or x.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+
+
+def check_class_target(logits, target) -> None:
+    """``target`` must be integer class indices of shape (N, *spatial) in [0, C) for
+    ``logits`` (N, C, *spatial)."""
+    check_floating("logits", logits)
+    if logits.ndim < 2:
+        raise ValueError(f"logits must be (N, C, ...), got shape {tuple(logits.shape)}")
+    expected = (logits.shape[0], *logits.shape[2:])
+    if not hasattr(target, "dtype") or target.dtype.kind not in "iu":
+        raise TypeError(f"target must be an integer array of class indices, got "
+                        f"{getattr(target, 'dtype', type(target).__name__)}")
+    if tuple(target.shape) != expected:
+        raise ValueError(f"target must have shape {expected} (logits without the class axis), "
+                         f"got {tuple(target.shape)}")
+    num_classes = logits.shape[1]
+    if target.size and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+        raise ValueError(f"target values must lie in [0, {num_classes}), "
+                         f"got range [{int(target.min())}, {int(target.max())}]")
+
+
+def check_pixel_weight(weight, expected_shape) -> None:
+    """``weight`` is ``None`` or a floating-point weight map of ``expected_shape``."""
+    if weight is None:
+        return
+    check_floating("weight", weight)
+    if tuple(weight.shape) != tuple(expected_shape):
+        raise ValueError(f"weight must have shape {tuple(expected_shape)}, "
+                         f"got {tuple(weight.shape)}")
 
 
 def check_same_dtype(reference_name: str, reference, **others) -> None:
@@ -112,17 +164,31 @@ def _check_kernel_fits(geometry: ConvGeometry, kernel_name: str) -> None:
         )
 
 
+def _check_conv_operands(x, weight, bias, *, transposed: bool) -> None:
+    """x (N, C_in, H, W), a convolution weight (C_out, C_in, kH, kW) or a transposed one
+    (C_in, C_out, kH, kW) and a bias (C_out,) or None: arrays of one float dtype whose
+    channels agree. Every axis of the weight has an element (as PyTorch requires): without
+    channels or with a 0-pixel kernel there is nothing to compute."""
+    layout = "(C_in, C_out, kH, kW)" if transposed else "(C_out, C_in, kH, kW)"
+    in_axis, out_axis = (0, 1) if transposed else (1, 0)
+    check_float_array(x, "x", "(N, C_in, H, W)")
+    check_float_array(weight, "weight", layout)
+    check_same_dtype("x", x, weight=weight)
+    if min(weight.shape) < 1:
+        raise ValueError(f"weight must have at least one element along every axis of "
+                         f"{layout}, got shape {tuple(weight.shape)}")
+    if weight.shape[in_axis] != x.shape[1]:
+        kind = "a transposed-convolution weight" if transposed else "weight shape"
+        raise ValueError(
+            f"weight expects {weight.shape[in_axis]} input channels ({kind} "
+            f"{tuple(weight.shape)} is {layout}), but x has {x.shape[1]} channels"
+        )
+    check_bias(bias, weight.shape[out_axis], x)
+
+
 def conv2d_arguments(x, weight, bias, stride, padding, dilation) -> ConvGeometry:
     """Check the arguments of :func:`~minunet.functional.conv2d`; return its geometry."""
-    check_float_array(x, "x", "(N, C_in, H, W)")
-    check_float_array(weight, "weight", "(C_out, C_in, kH, kW)")
-    check_same_dtype("x", x, weight=weight)
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"weight expects {weight.shape[1]} input channels (weight shape "
-            f"{tuple(weight.shape)} is (C_out, C_in, kH, kW)), but x has {x.shape[1]} channels"
-        )
-    check_bias(bias, weight.shape[0], x)
+    _check_conv_operands(x, weight, bias, transposed=False)
     kernel_size = tuple(weight.shape[2:])
     stride = pair(stride, "stride", minimum=1)
     dilation = pair(dilation, "dilation", minimum=1)
@@ -143,15 +209,7 @@ def conv_transpose2d_arguments(
     convolution computes: its ``in_hw`` is the transposed convolution's output size and its
     ``out_hw`` is ``x``'s size.
     """
-    check_float_array(x, "x", "(N, C_in, H, W)")
-    check_float_array(weight, "weight", "(C_in, C_out, kH, kW)")
-    check_same_dtype("x", x, weight=weight)
-    if weight.shape[0] != x.shape[1]:
-        raise ValueError(
-            f"weight expects {weight.shape[0]} input channels (a transposed-convolution weight "
-            f"{tuple(weight.shape)} is (C_in, C_out, kH, kW)), but x has {x.shape[1]} channels"
-        )
-    check_bias(bias, weight.shape[1], x)
+    _check_conv_operands(x, weight, bias, transposed=True)
     kernel_size = tuple(weight.shape[2:])
     stride = pair(stride, "stride", minimum=1)
     dilation = pair(dilation, "dilation", minimum=1)
