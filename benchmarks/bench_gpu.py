@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from minunet.files import write_json
 
 RESULTS = Path(__file__).parent / "results" / "gpu.json"
 RUNGS = ("naive", "tiled", "blocked", "pipelined")  # minunet.cuda.ops.ALGORITHMS
@@ -107,11 +106,6 @@ def ladder_summary(rows, network="paper"):
     return summary
 
 
-def write_json_atomically(path: Path, payload) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(payload, f, indent=1)
-    os.replace(f.name, path)
 
 
 # --- On the GPU -------------------------------------------------------------------------------
@@ -372,7 +366,7 @@ def main(argv=None) -> int:
     }
 
     def save():
-        write_json_atomically(args.output, results)
+        write_json(args.output, results)
 
     def free_memory():
         cp.get_default_memory_pool().free_all_blocks()

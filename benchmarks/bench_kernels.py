@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from tqdm import tqdm
 
 import minunet
 import minunet.functional as mf
+from minunet.files import write_json
 from minunet.shapes import unet_output_size
 
 CONFIGS = {  # name: (input edge, depth, base channels, batch, padding)
@@ -243,11 +242,6 @@ def print_table(name, rows):
           f"ratio {ours / theirs:.2f}")
 
 
-def write_json_atomically(path, payload):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(payload, f, indent=1)
-    os.replace(f.name, path)
 
 
 def main(argv=None):
@@ -281,7 +275,7 @@ def main(argv=None):
     peak = max(peak, sgemm_peak_gflops())  # a busy machine: the best of two tries
     print(f"sgemm peak {peak:.0f} GFLOP/s")
 
-    write_json_atomically(args.output, {
+    write_json(args.output, {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count()},

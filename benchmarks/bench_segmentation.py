@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -40,6 +39,7 @@ from threadpoolctl import threadpool_limits
 
 import minunet
 from minunet.data import load_dsb2018_nuclei, load_isbi2012, synthetic_cells
+from minunet.files import write_json
 from minunet.inference import predict
 from minunet.metrics import (
     best_rand_error,
@@ -65,9 +65,7 @@ def write_result(name: str, payload: dict) -> Path:
                "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                "python": platform.python_version(), "numpy": np.__version__,
                "cpu_count": os.cpu_count(), **payload}
-    temporary = path.with_name(f".tmp-{path.name}")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temporary, path)
+    write_json(path, payload)
     return path
 
 

@@ -52,11 +52,9 @@ import contextlib  # noqa: E402
 import cProfile  # noqa: E402
 import functools  # noqa: E402
 import io  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import pstats  # noqa: E402
 import statistics  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -67,6 +65,7 @@ from tqdm import tqdm  # noqa: E402
 
 import minunet.functional.conv as conv_kernels  # noqa: E402
 from minunet import UNet, losses, optim  # noqa: E402
+from minunet.files import write_json  # noqa: E402
 from minunet.nn import Conv2d, ConvTranspose2d  # noqa: E402
 from minunet.serialization import to_torch_state_dict  # noqa: E402
 from minunet.torch_reference import TorchUNet  # noqa: E402
@@ -187,13 +186,6 @@ def profile_step(step, top=12) -> str:
     return stream.getvalue()
 
 
-def write_json_atomically(data, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".json")
-    with os.fdopen(handle, "w") as stream:
-        json.dump(data, stream, indent=2)
-        stream.write("\n")
-    os.replace(temporary, path)
 
 
 def main():
@@ -248,7 +240,7 @@ def main():
         peak = max(peak, sgemm_peak_gflops())  # a busy machine: the best of several tries
         if ARGS.profile:
             print(profile_step(ours_step))
-    write_json_atomically({
+    write_json(ARGS.output, {
         "benchmark": "one U-Net training step (forward, weighted softmax cross-entropy, "
                      "backward, SGD momentum 0.99), float32, CPU",
         "command": " ".join(["python", *sys.argv]),
@@ -258,7 +250,7 @@ def main():
         "cpu_count": os.cpu_count(),
         "numpy": np.__version__, "torch": torch.__version__,
         "python": sys.version.split()[0], "cases": results,
-    }, ARGS.output)
+    })
     print(f"written {ARGS.output}")
 
 

@@ -8,8 +8,8 @@ A checkpoint is one ``.npz`` file (NumPy's zip of arrays) holding
   names of :meth:`minunet.nn.Module.state_dict`, the same names PyTorch uses for
   :class:`minunet.torch_reference.TorchUNet`.
 
-Files are written to a temporary file in the target directory and renamed over the target,
-so a crash never leaves a half-written checkpoint; they are read with
+Files are written with :func:`minunet.files.atomic_write` (a temporary file renamed over the
+target), so a crash never leaves a half-written checkpoint; they are read with
 ``allow_pickle=False``, so loading a file cannot run code.
 """
 
@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
 from minunet.backend import to_numpy
+from minunet.files import atomic_write
+from minunet.unet import UNet
 
 FORMAT_VERSION = 1
 _CONFIG_KEY = "__config__"
@@ -45,18 +46,7 @@ def save(net, path, *, storage_dtype: str | None = None) -> None:
                   for name, value in arrays.items()}
     arrays[_CONFIG_KEY] = np.array(json.dumps(net.config))
     arrays[_FORMAT_KEY] = np.array(FORMAT_VERSION)
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    atomic_write(path, lambda stream: np.savez(stream, **arrays))
 
 
 def load(path):
@@ -66,14 +56,20 @@ def load(path):
     Raises ``ValueError`` for a file that is not a minunet checkpoint, a corrupt file, or
     weights that are missing or do not fit the stored configuration.
     """
-    from minunet.unet import UNet
-
     path = os.fspath(path)
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
+        archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise ValueError(f"{path} is not a readable minunet checkpoint (.npz): {exc}") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):  # a single array saved with np.save
+        raise ValueError(f"{path} holds a single array ({archive.dtype}, shape "
+                         f"{archive.shape}), not a minunet checkpoint (an .npz written by "
+                         f"minunet.save or 'python -m minunet train')")
+    try:
+        with archive:
+            arrays = {name: archive[name] for name in archive.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         raise ValueError(f"{path} is not a readable minunet checkpoint (.npz): {exc}") from exc
     if _CONFIG_KEY not in arrays or _FORMAT_KEY not in arrays:
@@ -104,8 +100,6 @@ def to_torch_state_dict(net) -> dict:
 def from_torch_state_dict(state_dict: dict, **config):
     """A :class:`minunet.UNet` built with ``config`` (the UNet constructor's arguments)
     holding the weights of a :class:`~minunet.torch_reference.TorchUNet` state dict."""
-    from minunet.unet import UNet
-
     net = UNet(**config)
     net.load_state_dict({name: value.detach().cpu().numpy()
                          for name, value in state_dict.items()})

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -41,6 +40,7 @@ from minunet.backend import is_cupy_array, to_device, to_numpy
 from minunet.data.loaders import Dataset
 from minunet.data.tiles import TileSampler
 from minunet.data.weights import carve_separation_borders, class_weight_map, weight_map
+from minunet.files import atomic_write
 from minunet.inference import predict
 from minunet.losses import softmax_cross_entropy
 from minunet.metrics import class_scores, count_objects, dice, iou, object_scores, pixel_error
@@ -169,20 +169,6 @@ def make_optimizer(net, optimizer: str, lr: float | None, momentum: float, weigh
 # --- checkpoints ----------------------------------------------------------------------------
 
 
-def _write_npz_atomically(path, arrays: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
 def save_checkpoint(path, net, optimizer, history: History, rng: np.random.Generator,
                     step: int, settings: dict, best_state: dict | None = None) -> None:
     """Write everything needed to resume training to one ``.npz`` file, atomically:
@@ -198,7 +184,7 @@ def save_checkpoint(path, net, optimizer, history: History, rng: np.random.Gener
             "history": history.as_dict(), "rng": rng.bit_generator.state,
             "settings": settings, "optimizer": type(optimizer).__name__}
     arrays["__meta__"] = np.array(json.dumps(meta))
-    _write_npz_atomically(path, arrays)
+    atomic_write(path, lambda stream: np.savez(stream, **arrays))
 
 
 def load_checkpoint(path) -> tuple[dict, dict, dict]:
