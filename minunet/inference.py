@@ -1,4 +1,5 @@
-"""Prediction on images of any size: the paper's overlap-tile strategy (its Fig. 2).
+"""Prediction on images of any size: the paper's overlap-tile strategy (its Fig. 2), and
+counting the cells it finds.
 
 A valid-padding U-Net predicts an output tile that is smaller than its input tile; the
 missing context around the image is filled by mirroring the image at its borders. Tiles are
@@ -22,6 +23,7 @@ than any practical margin).
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -30,11 +32,15 @@ from minunet.backend import get_array_module, to_device, to_numpy
 from minunet.data.augment import DIHEDRAL, apply_dihedral, invert_dihedral
 from minunet.data.tiles import mirror_pad
 from minunet.losses import softmax
+from minunet.postprocess import foreground_probability, label_instances
 
 # Extra context (px, each side) given to every tile of a 'same'-padding network by default.
 SAME_PADDING_MARGIN = 32
 # Tiles per forward pass on the GPU (one on the CPU, where memory is the limit).
 GPU_TILE_BATCH = 4
+# Output tile edge of predict by default: memory stays that of a 512 x 512 image (plus
+# context) however large the image is. (A 4000 x 4000 image in one pass needed 11 GB.)
+DEFAULT_TILE_SIZE = 512
 
 
 def tiling_plan(net, length: int, tile_size: int | None, extra: int):
@@ -63,12 +69,18 @@ def tiling_plan(net, length: int, tile_size: int | None, extra: int):
     return input_edge, offset, stride, count, margin, pad_after
 
 
+def _axis_tile(tile_size: int | None, length: int) -> int | None:
+    """The tile size along an axis of ``length`` pixels: ``None`` (the whole axis in one
+    piece) when the axis is no longer than one tile."""
+    return None if tile_size is None or tile_size >= length else tile_size
+
+
 def _predict_once(net, image: np.ndarray, tile_size, margin: int, progress: bool):
     """Class probabilities (num_classes, H, W) of one (C, H, W) image, tile by tile; on the
     GPU the image goes there once and GPU_TILE_BATCH tiles share each forward pass."""
     height, width = image.shape[-2:]
-    rows = tiling_plan(net, height, tile_size, margin)
-    cols = tiling_plan(net, width, tile_size, margin)
+    rows = tiling_plan(net, height, _axis_tile(tile_size, height), margin)
+    cols = tiling_plan(net, width, _axis_tile(tile_size, width), margin)
     padded = to_device(mirror_pad(image, ((rows[4], rows[5]), (cols[4], cols[5]))), net.device)
     xp = get_array_module(padded)
     result = xp.empty((net.config["num_classes"], height, width), np.float32)
@@ -87,10 +99,15 @@ def _predict_once(net, image: np.ndarray, tile_size, margin: int, progress: bool
                 result[:, r0:r0 + keep_h, c0:c0 + keep_w] = tile[
                     :, margin:margin + keep_h, margin:margin + keep_w]
             bar.update(len(group))
-    return to_numpy(result)
+    result = to_numpy(result)
+    if not np.isfinite(result).all():
+        raise FloatingPointError(
+            "the network's output holds NaN or infinite values although the image is finite: "
+            "its weights are not finite (a diverged training run?)")
+    return result
 
 
-def predict(net, image, tile_size: int | None = None, tta: bool = False, *,
+def predict(net, image, tile_size: int | None = DEFAULT_TILE_SIZE, tta: bool = False, *,
             margin: int | None = None, progress: bool = False) -> np.ndarray:
     """Class probabilities of ``image`` under ``net``, float32 (num_classes, H, W).
 
@@ -99,11 +116,14 @@ def predict(net, image, tile_size: int | None = None, tta: bool = False, *,
     net : minunet.UNet
         Evaluated in eval mode (BatchNorm running statistics, no dropout); its previous
         mode is restored afterwards. Works on NumPy or CuPy networks (the image is moved).
-    image : (H, W) or (C, H, W) float array in [0, 1], any size
+    image : (H, W) or (C, H, W) float array in [0, 1], any size, without NaN or infinity
         Converted to the network's dtype; ``C`` must equal the network's ``in_channels``.
     tile_size : int or None
         Edge of the output tile each forward pass produces (rounded to what the network
-        allows). ``None``: the whole image in one pass (largest memory use).
+        allows); an axis no longer than this is predicted in one piece. The default
+        (``DEFAULT_TILE_SIZE``) bounds the memory whatever the image's size. ``None``: the
+        whole image in one pass (memory grows with the image). For a valid-padding network
+        the result does not depend on the tile size (see the module docstring).
     tta : bool
         Test-time augmentation: average the probabilities over the 8 rotations/flips of the
         image (each prediction transformed back), as the paper did with rotations for ISBI.
@@ -123,6 +143,10 @@ def predict(net, image, tile_size: int | None = None, tta: bool = False, *,
     if not np.issubdtype(image.dtype, np.floating):
         raise TypeError(f"image must be floating point with values in [0, 1] (as in training), "
                         f"got {image.dtype}; convert it with minunet.data.as_image")
+    not_finite = int(np.count_nonzero(~np.isfinite(image)))
+    if not_finite:
+        raise ValueError(f"image has {not_finite} NaN or infinite pixel value(s); replace them "
+                         f"(e.g. np.nan_to_num) before predicting")
     if tile_size is not None and (not isinstance(tile_size, numbers.Integral) or tile_size < 1):
         raise ValueError(f"tile_size must be a positive int or None, got {tile_size!r}")
     if net.config["padding"] == "valid":
@@ -146,3 +170,31 @@ def predict(net, image, tile_size: int | None = None, tta: bool = False, *,
         return (total / len(DIHEDRAL)).astype(np.float32)
     finally:
         net.train(was_training)
+
+
+class CellCount(NamedTuple):
+    """Result of :func:`count_cells`: the number of cells, their labels (int32 (H, W)) and
+    the foreground probability (float32 (H, W)) they were found in."""
+
+    count: int
+    labels: np.ndarray
+    probability: np.ndarray
+
+
+def count_cells(prob_or_image, net=None, *, threshold: float = 0.5, min_size: int = 10,
+                h: float = 0.5, smoothing: float = 1.0,
+                tile_size: int | None = DEFAULT_TILE_SIZE, tta: bool = False) -> CellCount:
+    """Count the cells in an image.
+
+    Without ``net``, ``prob_or_image`` is a probability map (see :func:`label_instances`).
+    With ``net``, it is an image (H, W) or (C, H, W) that is first segmented with
+    :func:`predict` (``tile_size``, ``tta``). Cells are found by
+    :func:`minunet.postprocess.label_instances` (``threshold``, ``min_size``, ``h``,
+    ``smoothing``).
+    """
+    prob = prob_or_image
+    if net is not None:
+        prob = predict(net, prob_or_image, tile_size=tile_size, tta=tta)
+    labels = label_instances(prob, threshold=threshold, min_size=min_size, h=h,
+                             smoothing=smoothing)
+    return CellCount(int(labels.max(initial=0)), labels, foreground_probability(prob))

@@ -15,8 +15,6 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
@@ -38,7 +36,14 @@ def foreground_probability(prob) -> np.ndarray:
 
 def reconstruct_by_dilation(marker, mask) -> np.ndarray:
     """Grey-level morphological reconstruction of ``marker`` (<= ``mask``) under ``mask``:
-    repeated 3x3 dilation of ``marker``, clipped by ``mask``, until nothing changes."""
+    repeated 3x3 dilation of ``marker``, clipped by ``mask``, until nothing changes.
+
+    Every round only raises values, each to one of finitely many (those of ``marker`` and
+    ``mask``), so the loop ends. NaN would break that argument (it never compares equal, so
+    "nothing changes" never comes): NaN inputs are refused.
+    """
+    if np.isnan(marker).any() or np.isnan(mask).any():
+        raise ValueError("marker and mask must not contain NaN")
     reconstruction = np.minimum(marker, mask)
     while True:
         grown = np.minimum(ndimage.grey_dilation(reconstruction, size=(3, 3)), mask)
@@ -173,6 +178,9 @@ def label_instances(prob, *, threshold: float = 0.5, min_size: int = 10, h: floa
     if not 0 <= threshold < 1:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
     foreground = foreground_probability(prob)
+    if np.isnan(foreground).any():
+        raise ValueError(f"prob holds {int(np.isnan(foreground).sum())} NaN value(s); "
+                         f"probabilities must be numbers in [0, 1]")
     mask = foreground > threshold
     mask = _drop_small(mask, min_size)
     # Holes are background regions that no 8-connected path links to the outside: a gap
@@ -187,34 +195,6 @@ def label_instances(prob, *, threshold: float = 0.5, min_size: int = 10, h: floa
     if gap_width > 0:
         labels = fill_separation_gaps(labels, gap_width)
     return relabel_sequential(labels)
-
-
-class CellCount(NamedTuple):
-    """Result of :func:`count_cells`: the number of cells, their labels (int32 (H, W)) and
-    the foreground probability (float32 (H, W)) they were found in."""
-
-    count: int
-    labels: np.ndarray
-    probability: np.ndarray
-
-
-def count_cells(prob_or_image, net=None, *, threshold: float = 0.5, min_size: int = 10,
-                h: float = 0.5, smoothing: float = 1.0, tile_size: int | None = None,
-                tta: bool = False) -> CellCount:
-    """Count the cells in an image.
-
-    Without ``net``, ``prob_or_image`` is a probability map (see :func:`label_instances`).
-    With ``net``, it is an image (H, W) or (C, H, W) that is first segmented with
-    ``minunet.predict(net, image, tile_size, tta)``.
-    """
-    prob = prob_or_image
-    if net is not None:
-        from minunet.inference import predict
-
-        prob = predict(net, prob_or_image, tile_size=tile_size, tta=tta)
-    labels = label_instances(prob, threshold=threshold, min_size=min_size, h=h,
-                             smoothing=smoothing)
-    return CellCount(int(labels.max(initial=0)), labels, foreground_probability(prob))
 
 
 def label_boundary_classes(prob, *, min_size: int = 10) -> np.ndarray:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+
 import numpy as np
 import pytest
 
@@ -22,3 +25,24 @@ def pytest_collection_modifyitems(config, items):
 def rng():
     """A seeded generator, so every failure can be replayed."""
     return np.random.default_rng(20150518)  # the U-Net paper's arXiv date
+
+
+@pytest.fixture
+def time_limit():
+    """``with time_limit(seconds):`` raises TimeoutError if the block runs longer, so a test of
+    something that used to hang fails instead of hanging the suite."""
+
+    @contextlib.contextmanager
+    def limit(seconds: int):
+        def expire(signum, frame):
+            raise TimeoutError(f"still running after {seconds} s")
+
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.alarm(seconds)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+
+    return limit

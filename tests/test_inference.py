@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
 from minunet.data import DIHEDRAL, apply_dihedral, invert_dihedral
-from minunet.inference import predict
+from minunet.inference import DEFAULT_TILE_SIZE, count_cells, predict
 from minunet.unet import UNet
 
 
@@ -87,3 +89,53 @@ def test_predict_on_the_gpu_matches_the_cpu(valid_net, image):
     got = predict(valid_net, image, tile_size=16)
     assert isinstance(got, np.ndarray)  # probabilities come back to the host
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+# --- Defaults that keep memory bounded, and inputs that used to hang ------------------------
+
+
+def test_default_prediction_is_tiled_and_equals_one_pass(rng, monkeypatch):
+    """By default an image larger than DEFAULT_TILE_SIZE is predicted tile by tile, each
+    forward pass no larger than one tile plus its context, with the result of one pass."""
+    net = UNet(depth=2, base_channels=2, dtype="float64", seed=3)
+    image = rng.random((DEFAULT_TILE_SIZE + 60, 50))
+    shapes = []
+    forward = net.forward
+    monkeypatch.setattr(net, "forward", lambda x: shapes.append(x.shape) or forward(x))
+    tiled = predict(net, image)
+    assert len(shapes) >= 2
+    assert max(shape[2] for shape in shapes) <= net.input_size_for_output(DEFAULT_TILE_SIZE)
+    whole = predict(net, image, tile_size=None)
+    np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-12)
+
+
+def test_default_prediction_memory_does_not_grow_with_the_image(rng):
+    net = UNet(depth=2, base_channels=2, seed=3)
+    image = rng.random((2 * DEFAULT_TILE_SIZE + 100, 2 * DEFAULT_TILE_SIZE + 100),
+                       dtype=np.float32)
+
+    def peak_bytes(**kwargs):
+        tracemalloc.start()
+        try:
+            predict(net, image, **kwargs)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    assert peak_bytes() < 0.5 * peak_bytes(tile_size=None)
+
+
+def test_an_image_with_nan_is_refused_instead_of_hanging(valid_net, image, time_limit):
+    image = image.copy()
+    image[1, 5, 7] = np.nan
+    with time_limit(60), pytest.raises(ValueError, match="1 NaN"):
+        predict(valid_net, image)
+    with time_limit(60), pytest.raises(ValueError, match="NaN"):
+        count_cells(image, valid_net)
+
+
+def test_a_network_with_nan_weights_is_refused_instead_of_hanging(valid_net, image,
+                                                                  time_limit):
+    valid_net.head.weight.data[0, 0, 0, 0] = np.nan
+    with time_limit(60), pytest.raises(FloatingPointError, match="weights"):
+        count_cells(image, valid_net)

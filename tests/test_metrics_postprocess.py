@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from minunet.data import carve_separation_borders, synthetic_cells
+from minunet.inference import count_cells
 from minunet.metrics import (
     best_rand_error,
     contingency,
@@ -22,12 +23,12 @@ from minunet.metrics import (
     segmentation_report,
 )
 from minunet.postprocess import (
-    count_cells,
     fill_separation_gaps,
     flood_from_markers,
     foreground_probability,
     h_maxima,
     label_instances,
+    reconstruct_by_dilation,
 )
 
 
@@ -237,3 +238,14 @@ def test_a_faint_boundary_in_the_probability_splits_a_shallow_neck():
     labels = split_touching(mask, h=2.0, confidence=confidence)
     assert labels.max() == 2
     assert set(np.unique(labels[:, :21][mask[:, :21]])) == {1}
+
+
+def test_nan_probabilities_are_refused_instead_of_hanging(rng, time_limit):
+    """Reconstruction waits for "nothing changes", which NaN (never equal to itself) would
+    never reach: NaN is refused up front."""
+    prob = rng.random((24, 24))
+    prob[3, 4] = np.nan
+    with time_limit(30), pytest.raises(ValueError, match="1 NaN"):
+        label_instances(prob)
+    with time_limit(30), pytest.raises(ValueError, match="NaN"):
+        reconstruct_by_dilation(prob - 0.5, prob)
