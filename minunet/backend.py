@@ -8,7 +8,9 @@ array is a NumPy array and nothing here imports CuPy.
 from __future__ import annotations
 
 import importlib
+import os
 import types
+from pathlib import Path
 
 import numpy as np
 
@@ -87,3 +89,49 @@ def to_device(x, device: str):
 def to_numpy(x) -> np.ndarray:
     """A NumPy copy (or view) of ``x``, wherever it lives."""
     return to_device(x, "numpy")
+
+
+def _meminfo_bytes(path: str, field: str) -> int | None:
+    """A ``field: N kB`` line of a /proc status file, in bytes (None if absent)."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_room() -> int | None:
+    """Bytes this process's cgroup (v2) may still allocate, if it has a limit."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else max(int(limit) - used, 0)
+
+
+def available_memory_bytes(device: str = "numpy") -> int | None:
+    """Bytes a new allocation can take now, or ``None`` where it cannot be known.
+
+    ``"numpy"``: the smallest of the host's available memory (``MemAvailable``), the room
+    left under a cgroup limit, and the room left under ``ulimit -v`` (``RLIMIT_AS``).
+    ``"cupy"``: the GPU's free memory.
+    """
+    if device in ("cupy", "gpu", "cuda"):
+        return int(require_cupy().cuda.Device().mem_info[0])
+    candidates = [_meminfo_bytes("/proc/meminfo", "MemAvailable"), _cgroup_room()]
+    import resource  # POSIX only, like /proc
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        in_use = _meminfo_bytes("/proc/self/status", "VmSize") or 0
+        candidates.append(max(soft - in_use, 0))
+    if os.name == "posix" and candidates[0] is None:
+        try:
+            candidates.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError):
+            pass
+    known = [c for c in candidates if c is not None]
+    return min(known) if known else None

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
 from _unet_oracle import assert_close_to, assert_gradients_match, twin_networks
 
+import minunet.unet
 from minunet import UNet, losses, torch_reference
 from minunet.backend import to_device, to_numpy
+from minunet.optim import Adam
+from minunet.unet import unet_parameter_count
 
 SMALL = dict(in_channels=2, num_classes=3, depth=3, base_channels=4)
 TOLERANCE = {"float64": 1e-8, "float32": 1e-4}
@@ -305,3 +310,54 @@ def test_config_round_trips_through_the_constructor():
     assert again.config == net.config
     for (_, a), (_, b) in zip(net.named_parameters(), again.named_parameters(), strict=True):
         np.testing.assert_array_equal(a.data, b.data)
+
+
+# --- Memory, known before anything is allocated ---------------------------------------------
+
+
+@pytest.mark.parametrize("config", [{}, dict(depth=3, base_channels=8, batch_norm=True,
+                                             in_channels=3, num_classes=4),
+                                    dict(depth=1, base_channels=5)])
+def test_parameter_count_from_the_configuration_equals_torchs(config):
+    """The closed form against the PyTorch twin's own count (no weights allocated by us)."""
+    torch_net = torch_reference.TorchUNet(**config)
+    expected = sum(p.numel() for p in torch_net.parameters())
+    assert unet_parameter_count(**config) == expected
+    if config:  # the paper's network is counted by test_summary_of_the_paper_network
+        assert sum(p.data.size for p in UNet(**config).parameters()) == expected
+
+
+def test_a_network_too_large_for_the_memory_is_refused_before_allocating(monkeypatch,
+                                                                         time_limit):
+    """depth=12 with 8 base channels has 8.0e9 weights (29.7 GiB): refused with the numbers,
+    in no time, instead of being killed by the OS half-way through the allocation."""
+    monkeypatch.setattr(minunet.unet, "available_memory_bytes", lambda device: 8 * 2**30)
+    with time_limit(10), pytest.raises(MemoryError, match=r"depth=12.*29\.7 GiB.*8\.0 GiB"):
+        UNet(depth=12, base_channels=8)
+
+
+def test_training_memory_estimate_bounds_the_measured_peak(rng):
+    net = UNet(depth=3, base_channels=8, padding="same", batch_norm=True, seed=0)
+    optimizer = Adam(net.parameters(), lr=1e-3)
+    x = rng.random((4, 1, 64, 64), dtype=np.float32)
+    target = rng.integers(0, 2, (4, 64, 64))
+
+    def step():
+        net.zero_grad()
+        _, grad = losses.softmax_cross_entropy(net.forward(x), target)
+        net.backward(grad)
+        optimizer.step()
+
+    step()  # the optimizer's state exists from now on
+    for module in net.modules():
+        module._clear_cache()
+    tracemalloc.start()
+    try:
+        step()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # weights, gradients and Adam's two moments were allocated before the measurement
+    existing = 4 * sum(p.data.nbytes for p in net.parameters())
+    estimate = net.training_memory_bytes(64, 4)
+    assert peak + existing <= estimate <= 3 * (peak + existing)
