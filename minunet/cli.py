@@ -2,24 +2,29 @@
 
 ``train`` and ``evaluate`` work without arguments, on synthetic cells, so
 ``python -m minunet train`` followed by ``python -m minunet evaluate`` is a complete first
-experiment. Errors the user
-can fix (a missing file, an unreadable image, a checkpoint that does not fit) end with one
-line on stderr and exit status 1, never with a traceback; outputs are written atomically, so
-an existing file is never replaced by a partial one.
+experiment; ``predict`` and ``count`` need an image. Errors the user can fix (a missing
+file, an unreadable image, a checkpoint that does not fit, a network too large for the
+memory) end with one line on stderr and exit status 1, never with a traceback. Every output
+path is checked for writability before the work starts, and outputs are written atomically
+(:mod:`minunet.files`), so an existing file is never replaced by a partial one.
+
+Reading and writing images and overlays lives in :mod:`minunet.data`; this module parses
+the arguments and runs the steps in order.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from minunet.files import atomic_write, check_writable, write_json
+from minunet.inference import DEFAULT_TILE_SIZE
 
 DEFAULT_MODEL = os.path.join("runs", "minunet.npz")
 TRAIN_SEED, EVALUATE_SEED = 0, 1000
@@ -36,90 +41,6 @@ class UserError(Exception):
 
 
 # --- small helpers --------------------------------------------------------------------------
-
-
-def atomic_write(path, write) -> None:
-    """Call ``write(temporary_path)`` and move the result onto ``path`` in one step.
-
-    The temporary file lives in the target directory and keeps the target's suffix, so
-    writers that choose the format from the name (Pillow, tifffile, matplotlib) work.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
-def write_json(path, payload) -> None:
-    def write(temporary):
-        with open(temporary, "w") as stream:
-            json.dump(payload, stream, indent=2)
-            stream.write("\n")
-
-    atomic_write(path, write)
-
-
-def write_array(path, array, *, kind: str) -> None:
-    """Save ``array`` by the file's extension: ``.npy``, ``.tif``/``.tiff`` or ``.png``.
-
-    ``kind="probabilities"`` (float in [0, 1]; a PNG gets the last channel as 8-bit gray) or
-    ``"labels"`` (integers; a PNG gets 16-bit values).
-    """
-    suffix = Path(path).suffix.lower()
-    if suffix == ".npy":
-        atomic_write(path, lambda t: np.save(t, array))
-    elif suffix in (".tif", ".tiff"):
-        import tifffile
-
-        data = array.astype(np.float32 if kind == "probabilities" else np.int32)
-        atomic_write(path, lambda t: tifffile.imwrite(t, data))
-    elif suffix == ".png":
-        from PIL import Image
-
-        if kind == "probabilities":
-            data = np.round(np.clip(array[-1] if array.ndim == 3 else array, 0, 1) * 255)
-            data = data.astype(np.uint8)
-        else:
-            if array.max(initial=0) > 65535:
-                raise UserError(f"{path}: more than 65535 labels do not fit a PNG; use .tif")
-            data = array.astype(np.uint16)
-        atomic_write(path, lambda t: Image.fromarray(data).save(t, format="PNG"))
-    else:
-        raise UserError(f"{path}: unknown output type {suffix!r} (use .npy, .tif or .png)")
-
-
-def save_overlay(path, image, labels, title: str = "") -> None:
-    """A PNG with the image on the left and the found cells' outlines on top of it on the
-    right (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from scipy import ndimage
-
-    gray = image.mean(axis=0) if image.ndim == 3 else image
-    outlines = (labels > 0) & (ndimage.grey_erosion(labels, size=(3, 3)) != labels)
-    figure, axes = plt.subplots(1, 2, figsize=(10, 5.4))
-    axes[0].imshow(gray, cmap="gray")
-    axes[0].set_title("image")
-    axes[1].imshow(gray, cmap="gray")
-    axes[1].imshow(np.ma.masked_where(~outlines, outlines), cmap="autumn", alpha=0.9,
-                   interpolation="nearest")
-    axes[1].set_title(title or f"{int(labels.max())} cells found")
-    for axis in axes:
-        axis.set_axis_off()
-    figure.tight_layout()
-    try:
-        atomic_write(path, lambda t: figure.savefig(t, format="png", dpi=100))
-    finally:
-        plt.close(figure)
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]], stream=None) -> None:
@@ -158,19 +79,28 @@ def to_device(net, device: str):
 
 
 def read_input_image(path, net):
-    """An image file as float32 (C, H, W) in [0, 1] for ``net`` (colour images are averaged
-    to gray for a one-channel network)."""
-    from minunet.data import as_image, read_image
+    """An image file as float32 (C, H, W) in [0, 1] for ``net``. A colour image (H, W, 3 or
+    4) is averaged to gray for a one-channel network; a stack of planes (a multi-page TIFF)
+    is refused unless its planes are the network's channels."""
+    from minunet.data import as_image, is_colour, read_image
 
-    image = as_image(read_image(path), name=str(path))
+    raw = read_image(path)
+    image = as_image(raw, name=str(path))
     channels = net.config["in_channels"]
-    if image.ndim == 3 and channels == 1:
-        image = image.mean(axis=0)
-    if image.ndim == 2 and channels != 1:
+    planes = image.shape[0] if image.ndim == 3 else 1
+    colour = is_colour(raw)
+    if colour and channels == 1:
+        return image.mean(axis=0)
+    if planes == channels:
+        return image
+    if image.ndim == 2:
         raise UserError(f"{path} is a gray image but the model expects {channels} channels")
-    if image.ndim == 3 and image.shape[0] != channels:
-        raise UserError(f"{path} has {image.shape[0]} channels, the model expects {channels}")
-    return image
+    if not colour:
+        raise UserError(f"{path} is a stack of {planes} images of {image.shape[1]}x"
+                        f"{image.shape[2]} pixels, but the model takes one image with "
+                        f"{channels} channel(s): nothing was predicted; save each slice as "
+                        f"its own image and pass those")
+    raise UserError(f"{path} has {planes} colour channels, the model expects {channels}")
 
 
 def load_data(args, split: str):
@@ -210,24 +140,54 @@ def load_data(args, split: str):
     data = load_isbi2012(root) if isbi else load_folder(root)
     if len(data) < 2:
         return data, data
-    num_val = max(1, int(round(len(data) * args.val_fraction)))
+    # at least one image on each side, whatever the fraction
+    num_val = min(max(1, int(round(len(data) * args.val_fraction))), len(data) - 1)
     return data[: len(data) - num_val], data[len(data) - num_val:]
 
 
 # --- subcommands ----------------------------------------------------------------------------
 
 
+def train_outputs(args) -> tuple[Path, Path]:
+    """``(history, overlay)`` paths of ``train``, after checking that every output of the run
+    (--out, the history, the overlay, --checkpoint) can be written."""
+    history = Path(args.out).with_suffix(".history.json")
+    overlay = Path(args.overlay or str(Path(args.out).with_suffix("")) + "_overlay.png")
+    check_writable(args.out, "--out")
+    check_writable(history, "history file")
+    check_writable(overlay, "--overlay")
+    if args.checkpoint:
+        check_writable(args.checkpoint, "--checkpoint")
+    return history, overlay
+
+
+def require_training_memory(net, args) -> None:
+    """Refuse (MemoryError, one line) a training run whose estimated peak memory
+    (:meth:`minunet.UNet.training_memory_bytes`) exceeds what is available."""
+    from minunet.unet import require_memory
+
+    tile = net.input_size_for_output(args.tile_size)
+    needed = net.training_memory_bytes(tile, args.batch_size,
+                                       optimizer_slots=2 if args.optimizer == "adam" else 1)
+    require_memory(needed, f"training steps on {args.batch_size} tiles of {tile}x{tile} with "
+                           f"--depth {args.depth} --base-channels {args.base_channels}",
+                   net.device)
+
+
 def command_train(args) -> int:
     import minunet
+    from minunet.data import save_overlay
     from minunet.postprocess import label_instances
     from minunet.train import fit
 
+    history_path, overlay = train_outputs(args)
     train, val = load_data(args, "train")
     channels = train.images[0].shape[0] if train.images[0].ndim == 3 else 1
     net = minunet.UNet(in_channels=channels, depth=args.depth, base_channels=args.base_channels,
                        padding=args.padding, batch_norm=args.batch_norm, dropout=args.dropout,
                        seed=args.seed)
     to_device(net, args.device)
+    require_training_memory(net, args)
     if not args.quiet:
         print(f"training {net!r} on {len(train)} image(s), validating on {len(val)}",
               file=sys.stderr)
@@ -239,13 +199,10 @@ def command_train(args) -> int:
                   seed=args.seed, checkpoint_path=args.checkpoint, resume=args.resume,
                   progress=not args.quiet, keep_best="iou")
     seconds = time.perf_counter() - start
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     minunet.save(net, args.out)
-    history_path = Path(args.out).with_suffix(".history.json")
     write_json(history_path, {"config": net.config, "seconds": seconds, **history.as_dict()})
     image, _ = val[0]
     found = label_instances(minunet.predict(net, image, tile_size=args.predict_tile_size))
-    overlay = args.overlay or str(Path(args.out).with_suffix("")) + "_overlay.png"
     save_overlay(overlay, image, found, f"{val.names[0]}: {found.max()} cells found")
     print_table(history.epochs, [("epoch", "epoch", "d"), ("step", "step", "d"),
                                  ("train_loss", "loss", ".4f"), ("val_iou", "val IoU", ".3f"),
@@ -274,9 +231,16 @@ def min_cell_size(args) -> int:
 def command_predict(args) -> int:
     if args.chunk_size:
         return command_slide(args, [args.image])
+    from minunet.data import check_array_suffix, save_overlay, write_array
     from minunet.inference import predict
     from minunet.postprocess import label_instances
 
+    for option, path in (("--output", args.output), ("--labels", args.labels),
+                         ("--overlay", args.overlay)):
+        if path:
+            if option != "--overlay":
+                check_array_suffix(path)
+            check_writable(path, option)
     net = load_model(args.model, args.device)
     image = read_input_image(args.image, net)
     prob = predict(net, image, tile_size=args.tile_size, tta=args.tta, progress=not args.quiet)
@@ -295,6 +259,8 @@ def command_evaluate(args) -> int:
     from minunet.metrics import segmentation_report
     from minunet.postprocess import label_instances
 
+    if args.json:
+        check_writable(args.json, "--json")
     net = load_model(args.model, args.device)
     _, data = load_data(args, "evaluate")
     rows = []
@@ -318,8 +284,12 @@ def command_evaluate(args) -> int:
 def command_count(args) -> int:
     if args.chunk_size:
         return command_slide(args, args.images)
-    from minunet.postprocess import count_cells
+    from minunet.data import save_overlay
+    from minunet.inference import count_cells
 
+    if args.overlay_dir:
+        check_writable(Path(args.overlay_dir) / f"{Path(args.images[0]).stem}_overlay.png",
+                       "--overlay-dir")
     net = load_model(args.model, args.device)
     rows = []
     for path in args.images:
@@ -396,8 +366,8 @@ def command_slide(args, slides_given) -> int:
         overlay = Path(args.overlay_dir) / f"{stem}_overlay.png"
     else:
         overlay = Path(getattr(args, "overlay", None) or store.with_name(stem + "_overlay.png"))
-    for path in (store, csv_path, overlay):
-        check_writable(path)
+    for path, what in ((store, "probabilities"), (csv_path, "--csv"), (overlay, "overlay")):
+        check_writable(path, what)
     net = load_model(args.model, args.device)
     with connect_scheduler(args.scheduler):  # from here on, every pass runs on the cluster
         probabilities = slides.predict(net, slide, chunk_size=args.chunk_size,
@@ -414,25 +384,11 @@ def command_slide(args, slides_given) -> int:
     return 0
 
 
-def check_writable(path: Path) -> None:
-    """Fail before hours of work, not after: the folder of ``path`` must be writable."""
-    folder = path.absolute().parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot create the folder {folder} ({exc.strerror})") from exc
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"{path}: the folder {folder} is not writable")
-
-
 def write_centroids(path, found) -> None:
-    def write(temporary):
-        with open(temporary, "w") as stream:
-            stream.write("row,col,area\n")
-            for (row, col), area in zip(found.centroids, found.areas, strict=True):
-                stream.write(f"{row:.3f},{col:.3f},{area}\n")
-
-    atomic_write(path, write)
+    rows = [f"{row:.3f},{col:.3f},{area}"
+            for (row, col), area in zip(found.centroids, found.areas, strict=True)]
+    text = "\n".join(["row,col,area", *rows]) + "\n"
+    atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
 
 
 def save_slide_overlay(path, gray, found, title: str, edge: int = 1024) -> None:
@@ -453,7 +409,7 @@ def save_slide_overlay(path, gray, found, title: str, edge: int = 1024) -> None:
     axis.set_axis_off()
     figure.tight_layout()
     try:
-        atomic_write(path, lambda t: figure.savefig(t, format="png", dpi=100))
+        atomic_write(path, lambda stream: figure.savefig(stream, format="png", dpi=100))
     finally:
         plt.close(figure)
 
@@ -465,6 +421,21 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _tile_size(text: str) -> int | None:
+    """A tile edge in pixels; 0 means the whole image in one pass (``None``)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 0, got {text}")
+    return value or None
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
     return value
 
 
@@ -491,9 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
     inference.add_argument("--model", default=DEFAULT_MODEL,
                            help=f"trained network: a .npz written by train, or the name of a "
                                 f"pretrained model (isbi2012, dsb2018); default {DEFAULT_MODEL}")
-    inference.add_argument("--tile-size", type=_positive, default=None,
-                           help="edge of the output tile per forward pass (default: whole "
-                                "image at once)")
+    inference.add_argument("--tile-size", type=_tile_size, default=DEFAULT_TILE_SIZE,
+                           help="edge of the output tile per forward pass, which bounds the "
+                                f"memory (default {DEFAULT_TILE_SIZE}; 0: the whole image "
+                                "at once)")
     inference.add_argument("--min-size", type=_positive, default=None,
                            help="smallest cell kept, in pixels (default: what a pretrained "
                                 "model's card recommends, else 10)")
@@ -511,8 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seed of the synthetic data, the network and the training "
                            f"(default: {TRAIN_SEED} for train, {EVALUATE_SEED} for evaluate, "
                            "so evaluation sees images that training did not)")
-    data.add_argument("--val-fraction", type=float, default=0.2,
-                      help="share of a folder's images kept for validation (default 0.2)")
+    data.add_argument("--val-fraction", type=_fraction, default=0.2,
+                      help="share of a folder's images kept for validation, between 0 and 1 "
+                           "(default 0.2; at least one image stays on each side)")
 
     train = sub.add_parser("train", parents=[common, data], help="train a U-Net",
                            description="Train a U-Net and save it; prints a summary table "
@@ -540,8 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tiles per step (default 4)")
     train.add_argument("--tile-size", type=_positive, default=64,
                        help="edge of the output tile (default 64)")
-    train.add_argument("--predict-tile-size", type=_positive, default=None,
-                       help="tile size for the final overlay prediction (default: whole image)")
+    train.add_argument("--predict-tile-size", type=_tile_size, default=DEFAULT_TILE_SIZE,
+                       help="tile size for the final overlay prediction (default "
+                            f"{DEFAULT_TILE_SIZE}; 0: the whole image)")
     train.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
                        help="Adam (default) or SGD with momentum (the paper's)")
     train.add_argument("--lr", type=float, default=None,
@@ -610,7 +584,7 @@ def main(argv=None) -> int:
         print("minunet: interrupted", file=sys.stderr)
         return 130
     except (UserError, FileNotFoundError, ValueError, TypeError, OSError, RuntimeError,
-            FloatingPointError) as exc:
+            FloatingPointError, MemoryError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"minunet {args.command}: error: {message}", file=sys.stderr)
         return 1

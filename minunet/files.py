@@ -22,8 +22,6 @@ from pathlib import Path
 def _reserve_temporary(path: Path, what: str) -> Path:
     """Create (and close) a new empty file next to ``path``, with mode 0o666 minus the
     umask, creating missing folders; ``OSError`` naming ``what`` and ``path`` if that fails."""
-    if path.is_dir():
-        raise IsADirectoryError(f"{what} {path} is a folder; give a file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -49,6 +47,8 @@ def atomic_write(path, write) -> None:
     and ``json`` all take a file object). Errors name ``path``, never the temporary file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"output {path} is a folder; give a file name")
     temporary = _reserve_temporary(path, "output")
     try:
         # opened by name, not from a descriptor: some writers (tifffile) want the file's name
@@ -69,8 +69,8 @@ def write_json(path, payload, *, indent: int = 2) -> None:
 
 
 def check_writable(path, what: str = "output") -> None:
-    """Raise ``OSError`` naming ``path`` unless a file can be written there: its folder (which
-    is created if missing) must accept a new file, and ``path`` must not be a folder.
+    """Raise ``OSError`` naming ``path`` unless something can be written there: its folder
+    (which is created if missing) must accept a new file.
 
     Call it before long work whose result goes to ``path``; ``what`` names the path in the
     message (e.g. ``"--out"``).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 from scipy import ndimage
 
 from minunet.data import (
+    as_image,
     as_labels,
     load_dsb2018_nuclei,
     load_folder,
@@ -133,3 +135,35 @@ def test_dsb2018_missing_package_says_how_to_install(monkeypatch):
                         lambda name: None if name == "stardist" else real_find_spec(name))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps stardist==0.9.2"):
         load_dsb2018_nuclei()
+
+
+@pytest.mark.parametrize("value", [128, 7, 1, 255])
+def test_a_two_valued_mask_is_binary_whatever_its_foreground_value(value, tmp_path, rng):
+    """0/128 (or 0/7) masks used to be read as one "cell" with id 128: now they are binary,
+    split into connected components, with a warning unless the value is 1 or 255."""
+    expected, _ = ndimage.label(two_squares() > 0)
+    if value in (1, 255):
+        labels = as_labels(two_squares(value))
+    else:
+        with pytest.warns(UserWarning, match=f"0 and {value}.*binary"):
+            labels = as_labels(two_squares(value))
+    np.testing.assert_array_equal(labels, expected)
+    save_png(tmp_path / "a.png", rng.integers(0, 255, (12, 16), np.uint8))
+    save_png(tmp_path / "a_mask.png", two_squares(value))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        np.testing.assert_array_equal(load_folder(tmp_path).labels[0], expected)
+
+
+def test_masks_with_more_values_stay_instance_labels():
+    mask = two_squares()
+    mask[mask > 0] = 0
+    mask[1:4, 1:4], mask[6:10, 8:14] = 3, 9
+    np.testing.assert_array_equal(as_labels(mask), mask)
+
+
+def test_nan_pixels_are_refused(rng):
+    image = rng.random((8, 8)).astype(np.float32)
+    image[2, 3] = np.nan
+    with pytest.raises(ValueError, match="image has 1 NaN"):
+        as_image(image)

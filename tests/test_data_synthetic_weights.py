@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -61,14 +59,6 @@ def test_synthetic_touching_cells_are_common():
     _, apart = synthetic_cell_image(128, seed=0, touching_fraction=0.0, num_cells=10,
                                     radius_range=(5, 6))
     assert len(touching_pairs(apart)) <= 2
-
-
-def test_synthetic_speed_is_printed(capsys):
-    start = time.perf_counter()
-    synthetic_cell_image(256, seed=1)
-    elapsed_ms = 1e3 * (time.perf_counter() - start)
-    with capsys.disabled():
-        print(f"\n[bench] synthetic_cell_image 256x256: {elapsed_ms:.1f} ms")
 
 
 def test_synthetic_bad_arguments():
@@ -153,16 +143,6 @@ def test_balanced_class_weights_are_inverse_frequencies_with_mean_one():
     assert weights.mean() == pytest.approx(1.0)
     # one class only: every pixel weighs 1
     np.testing.assert_array_equal(class_weight_map(np.zeros((3, 3), int)), np.ones((3, 3)))
-
-
-def test_weight_map_is_fast_for_many_cells(capsys):
-    _, labels = synthetic_cell_image(512, seed=5, num_cells=160)
-    assert len(np.unique(labels)) > 100
-    start = time.perf_counter()
-    weight_map(labels)
-    with capsys.disabled():
-        print(f"\n[bench] weight_map 512x512, {labels.max()} cells: "
-              f"{1e3 * (time.perf_counter() - start):.1f} ms")
 
 
 def test_weight_map_bad_input_and_no_mutation():

@@ -55,7 +55,7 @@ def test_errors_name_the_target_not_the_temporary(tmp_path):
     with pytest.raises(OSError, match="--out .*x.npz: cannot create its folder"):
         check_writable(blocker / "x.npz", "--out")
     with pytest.raises(IsADirectoryError, match="is a folder"):
-        check_writable(tmp_path, "--out")
+        write_json(tmp_path, {})
 
 
 def test_check_writable_leaves_nothing_behind(tmp_path):

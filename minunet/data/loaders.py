@@ -84,18 +84,31 @@ def normalize_intensity(image, percentiles=(1.0, 99.8)) -> np.ndarray:
     return np.clip((image - low) / (high - low), 0, 1).astype(np.float32)
 
 
+def is_colour(raw) -> bool:
+    """True for a colour image as files store it, (H, W, 3) RGB or (H, W, 4) RGBA; a
+    channels-first (C, H, W) array, such as a multi-page TIFF stack, is not one."""
+    shape = np.shape(raw)
+    return len(shape) == 3 and shape[-1] in (3, 4) and shape[0] not in (1, 3, 4)
+
+
 def as_image(raw, name="image") -> np.ndarray:
     """Turn a raw pixel array into float32 (H, W) or (C, H, W) in [0, 1].
 
-    Colour images (H, W, 3 or 4) become channels-first RGB (alpha dropped).
+    Colour images (H, W, 3 or 4) become channels-first RGB (alpha dropped). NaN or infinite
+    pixels (float TIFFs may mark missing data so) are refused: they have no place in [0, 1].
     """
     raw = np.asarray(raw)
-    if raw.ndim == 3 and raw.shape[-1] in (3, 4) and raw.shape[0] not in (1, 3, 4):
+    if is_colour(raw):
         raw = np.moveaxis(raw[..., :3], -1, 0)
     if raw.ndim not in (2, 3) or min(raw.shape[-2:]) < 1:
         raise ValueError(f"{name} must be a 2-D image (H, W) or (C, H, W), got shape {raw.shape}")
     if not (np.issubdtype(raw.dtype, np.number) or raw.dtype == bool):
         raise TypeError(f"{name} must be numeric, got {raw.dtype}")
+    if np.issubdtype(raw.dtype, np.inexact):
+        not_finite = int(np.count_nonzero(~np.isfinite(raw)))
+        if not_finite:
+            raise ValueError(f"{name} has {not_finite} NaN or infinite pixel value(s); "
+                             f"replace them before using the image")
     return normalize_intensity(raw)
 
 
@@ -106,7 +119,8 @@ def as_labels(raw, *, kind: str = "auto", image_shape=None, name: str = "mask") 
         ``"binary"``: at most two distinct values (0/1, 0/255, False/True); the foreground is
         split into 4-connected components, one label each. ``"instance"``: the values are
         already cell ids (0 = background). ``"auto"``: binary if there are at most two values
-        and the larger one is 1 or 255, else instance.
+        (a warning says so when the foreground value is not 1 or 255, e.g. a 0/128 mask),
+        else instance.
 
     Raises ``ValueError`` when the mask is not 2-D, does not match ``image_shape`` (H, W), has
     more than two values while ``kind="binary"``, or has negative values; warns when it has no
@@ -129,7 +143,12 @@ def as_labels(raw, *, kind: str = "auto", image_shape=None, name: str = "mask") 
     if values.size and values[0] < 0:
         raise ValueError(f"{name} has negative values; expected 0 = background")
     if kind == "auto":
-        kind = "binary" if values.size <= 2 and values[-1] in (1, 255) else "instance"
+        kind = "binary" if values.size <= 2 else "instance"
+        if values.size == 2 and values[-1] not in (1, 255):
+            # an instance mask with a single cell gives the same labels either way
+            warnings.warn(f"{name} has the values 0 and {values[-1]} only: read as a binary "
+                          f"mask ({values[-1]} = cells, split into connected components); "
+                          f"pass kind='instance' if {values[-1]} is a cell id", stacklevel=2)
     if kind == "binary":
         if values.size > 2:
             raise ValueError(
