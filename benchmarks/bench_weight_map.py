@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 import minunet
 from minunet.data import boundary_classes, load_dsb2018_nuclei
+from minunet.files import write_json
 from minunet.inference import predict
 from minunet.metrics import count_objects, iou, merges_and_splits, object_scores
 from minunet.postprocess import label_boundary_classes, label_instances
@@ -130,9 +131,7 @@ def main(argv=None) -> int:
                "steps": args.steps, "seeds": args.seeds,
                "data": "DSB 2018 nuclei (stardist): train columns 0-255, test columns 256-511",
                "true_count": count_objects(test[1]), "runs": runs, "summary": summarise(runs)}
-    temporary = output.with_name(f".tmp-{output.name}")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temporary, output)
+    write_json(output, payload)
     for name, row in payload["summary"].items():
         print(f"{name:26s} " + "  ".join(f"{k} {v['mean']:.3f}±{v['std']:.3f}"
                                           for k, v in row.items()))
