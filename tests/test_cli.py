@@ -167,12 +167,14 @@ def test_subprocess_entry_point(tmp_path):
 
 
 def run_cli(*args, timeout=180, limit_memory=None):
-    """``python -m minunet ARGS`` in a subprocess (optionally under ``ulimit -v``)."""
+    """``python -m minunet ARGS`` in a subprocess (optionally under ``ulimit -v``, with one
+    BLAS thread, whose buffers then need little address space)."""
     def set_limit():
         resource.setrlimit(resource.RLIMIT_AS, (limit_memory, limit_memory))
 
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "minunet", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout,
+                          capture_output=True, text=True, timeout=timeout, env=env,
                           preexec_fn=set_limit if limit_memory else None)
 
 
@@ -202,9 +204,10 @@ def test_predict_tiles_by_default_and_0_means_the_whole_image():
 
 
 def test_a_network_too_large_for_the_memory_is_one_line(tmp_path):
-    """Under ``ulimit -v`` of 3 GiB, --depth 12 (30 GiB of weights) is refused at once."""
+    """Under ``ulimit -v`` of 8 GiB, --depth 12 (30 GiB of weights) is refused at once; it
+    used to end in a MemoryError traceback there, and be killed by the OS without a limit."""
     result = run_cli("train", "--depth", "12", "--steps", "1", "--out", tmp_path / "m.npz",
-                     "--quiet", timeout=120, limit_memory=3 * 2**30)
+                     "--quiet", timeout=120, limit_memory=8 * 2**30)
     assert_one_line(result, "depth=12", "GiB")
     assert not (tmp_path / "m.npz").exists()
 

@@ -9,6 +9,7 @@ import pytest
 
 import minunet.functional as mf
 from minunet.backend import to_device, to_numpy
+from minunet.cuda import ops
 
 
 @pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
@@ -79,17 +80,9 @@ class FakeCupyArray:
 
 
 def fake_cuda_ops(monkeypatch, name, result):
-    """Install a stand-in ``minunet.cuda.ops`` whose ``name`` records its calls."""
-    import sys
-    import types
-
+    """Replace ``minunet.cuda.ops.<name>`` with a stand-in that records its calls."""
     calls = []
-    fake_ops = types.ModuleType("minunet.cuda.ops")
-    setattr(fake_ops, name, lambda *args, **kwargs: calls.append((args, kwargs)) or result)
-    fake_package = types.ModuleType("minunet.cuda")
-    fake_package.ops = fake_ops
-    monkeypatch.setitem(sys.modules, "minunet.cuda", fake_package)
-    monkeypatch.setitem(sys.modules, "minunet.cuda.ops", fake_ops)
+    monkeypatch.setattr(ops, name, lambda *args, **kwargs: calls.append((args, kwargs)) or result)
     return calls
 
 

@@ -18,13 +18,15 @@ from minunet.cuda import ops
 
 def dispatch_on_array_type(function):
     """Run ``function`` on NumPy arrays, ``minunet.cuda.ops.<function name>`` on CuPy arrays."""
-    cuda_twin = getattr(ops, function.__name__)
+    name = function.__name__
+    if not callable(getattr(ops, name, None)):
+        raise AttributeError(f"minunet.cuda.ops has no {name}, the GPU twin of {name}")
 
     @functools.wraps(function)
     def dispatched(*args, **kwargs):
         arrays = [a for a in (*args, *kwargs.values()) if hasattr(a, "shape")]
         if get_array_module(*arrays) is np:
             return function(*args, **kwargs)
-        return cuda_twin(*args, **kwargs)
+        return getattr(ops, name)(*args, **kwargs)
 
     return dispatched
