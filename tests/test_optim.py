@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
-from _unet_oracle import assert_close_to, twin_networks
+from _unet_oracle import assert_close_to, scale_of, twin_networks
 
 from minunet import losses, optim
 from minunet.nn import Parameter
@@ -72,7 +72,8 @@ def test_twenty_unet_training_steps_match_torch(rng, name):
     assert curve[-1] < curve[0]  # it trains
     torch_state = {key: value.numpy() for key, value in torch_net.state_dict().items()}
     for key, value in net.state_dict().items():
-        assert_close_to(value, torch_state[key], 1e-8, what=key)
+        assert_close_to(value, torch_state[key], 1e-8, scale_of(net, key, torch_state),
+                        what=key)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam"])
