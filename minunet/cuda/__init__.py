@@ -4,8 +4,8 @@ The kernels live next to this file as plain ``.cu`` sources (see :data:`KERNEL_F
 that they can be read, quoted and compiled on their own. :mod:`minunet.cuda.ops` launches
 them on CuPy arrays (``import minunet.cuda.ops`` needs nothing; calling an op needs CuPy and
 a GPU). :mod:`minunet.cuda.nvrtc` compiles them without a GPU, which the tests do for every
-file, and the test suite also runs them on the CPU through a small emulation of the CUDA
-execution model.
+file, and :mod:`minunet.cuda.emulator` runs them on the CPU through a small emulation of
+the CUDA execution model.
 
 Each file is compiled once per element type: the host defines ``MINUNET_SCALAR`` as
 ``float`` or ``double`` (:func:`compile_options`), and every kernel has an ``extern "C"``
@@ -22,7 +22,7 @@ import numpy as np
 #: The kernel sources, in the order a reader meets them.
 KERNEL_FILES = (
     "elementwise.cu",  # ReLU and its gradient: one thread per element
-    "conv2d.cu",  # convolution forward, input and weight gradient: naive and tiled
+    "conv2d.cu",  # convolution passes on four rungs (naive ... pipelined); the up-convolution
     "max_pool2d.cu",  # max-pooling forward (saving the argmax) and backward
     "reduction.cu",  # per-channel sums with a shared-memory tree (bias gradient, loss total)
     "softmax_cross_entropy.cu",  # the U-Net's weighted pixel-wise loss and its gradient
