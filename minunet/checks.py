@@ -87,9 +87,10 @@ def check_floating(name: str, x) -> None:
                         f"{getattr(x, 'dtype', type(x).__name__)}")
 
 
-def check_class_target(logits, target) -> None:
+def check_class_target(logits, target, *, values: bool = True) -> None:
     """``target`` must be integer class indices of shape (N, *spatial) in [0, C) for
-    ``logits`` (N, C, *spatial)."""
+    ``logits`` (N, C, *spatial). ``values=False`` leaves out the range of the labels, whose
+    reading waits for the GPU when they live there."""
     check_floating("logits", logits)
     if logits.ndim < 2:
         raise ValueError(f"logits must be (N, C, ...), got shape {tuple(logits.shape)}")
@@ -101,7 +102,7 @@ def check_class_target(logits, target) -> None:
         raise ValueError(f"target must have shape {expected} (logits without the class axis), "
                          f"got {tuple(target.shape)}")
     num_classes = logits.shape[1]
-    if target.size and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+    if values and target.size and (int(target.min()) < 0 or int(target.max()) >= num_classes):
         raise ValueError(f"target values must lie in [0, {num_classes}), "
                          f"got range [{int(target.min())}, {int(target.max())}]")
 

@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minunet.backend import require_cupy
+from minunet.backend import is_cupy_array, require_cupy
 from minunet.checks import (
     FLOAT_DTYPES,
     ConvGeometry,
@@ -502,8 +502,10 @@ def softmax_cross_entropy(logits, target, weight=None):
         loss = (1/M) sum_pixels w * (-log softmax(logits)_target)
         grad = (1/M) w * (softmax(logits) - one_hot(target))
 
-    Returns ``(loss, grad_logits)``, the loss a 0-d array of the logits' dtype."""
-    check_class_target(logits, target)
+    Returns ``(loss, grad_logits)``, the loss a 0-d array of the logits' dtype. Labels on
+    the GPU are not read here (that would wait for the GPU, once per training step): a label
+    outside [0, K) makes its pixel's loss, and so the loss, NaN."""
+    check_class_target(logits, target, values=not is_cupy_array(target))
     check_pixel_weight(weight, target.shape)
     check_same_dtype("logits", logits, weight=weight)
     _check_size(logits)
