@@ -66,8 +66,10 @@ def glued_values(notebook) -> dict[str, str]:
     values = {}
     for output in outputs:
         name = output.get("metadata", {}).get("scrapbook", {}).get("name")
-        if name and "text/plain" in output.get("data", {}):
-            values[name] = str(output["data"]["text/plain"]).strip("'\"")
+        # a kernel's own output keeps myst_nb's prefix on the type: "<prefix>text/plain"
+        text = [v for k, v in output.get("data", {}).items() if k.endswith("text/plain")]
+        if name and text:
+            values[name] = str(text[0]).strip("'\"")
     return values
 
 
