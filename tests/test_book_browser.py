@@ -143,25 +143,27 @@ _MEASURE_SCRIPT = """
 <script>
 window.addEventListener("load", () => {
   const main = document.querySelector("main") || document.body;
-  for (const img of main.querySelectorAll("img")) {
+  // the page's own figures (the header's menus hold hidden icons)
+  const article = main.querySelector("article") || main;
+  for (const img of article.querySelectorAll("img")) {
     const box = img.getBoundingClientRect();
     img.setAttribute("data-natural", img.naturalWidth + "x" + img.naturalHeight);
     img.setAttribute("data-layout", Math.round(box.width) + "x" + Math.round(box.height));
   }
-  const prose = main.cloneNode(true);
+  const prose = article.cloneNode(true);
   for (const code of prose.querySelectorAll("pre, code, script, style")) code.remove();
   const report = document.createElement("div");
   report.id = "measured-report";
   report.setAttribute("data-prose", prose.textContent);
   const wide = [];
-  for (const pre of main.querySelectorAll("pre")) {
+  for (const pre of article.querySelectorAll("pre")) {
     if (pre.scrollWidth > pre.clientWidth + 1) {
       const lines = pre.textContent.split("\\n");
       wide.push(lines.reduce((a, b) => (b.length > a.length ? b : a), ""));
     }
   }
   report.setAttribute("data-wide-code", JSON.stringify(wide));
-  report.setAttribute("data-tables", String(main.querySelectorAll("table").length));
+  report.setAttribute("data-tables", String(article.querySelectorAll("table").length));
   document.body.appendChild(report);
   document.body.setAttribute("data-measured", "yes");
 });
