@@ -28,13 +28,20 @@ from minunet.unet import UNet
 FORMAT_VERSION = 1
 _CONFIG_KEY = "__config__"
 _FORMAT_KEY = "__format__"
+# What a training checkpoint adds to a model file (written and read by minunet.train).
+TRAINING_PREFIXES = ("optimizer/", "best/")
+TRAINING_KEY = "__training__"
 
 
-def save(net, path, *, storage_dtype: str | None = None) -> None:
+def save(net, path, *, storage_dtype: str | None = None, training: dict | None = None) -> None:
     """Write ``net`` (a :class:`minunet.UNet`, on any device) to ``path`` atomically.
 
     ``storage_dtype="float16"`` stores the floating-point weights and buffers at half
     precision (half the file size; :func:`load` casts them back to the network's dtype).
+    ``training``: the extra entries of a training checkpoint (see :mod:`minunet.train`),
+    arrays whose names start with one of ``TRAINING_PREFIXES`` and the JSON string
+    ``TRAINING_KEY``; a checkpoint is a model file that also holds them, so :func:`load`
+    reads either.
     """
     path = os.fspath(path)
     arrays = {name: to_numpy(value) for name, value in net.state_dict().items()}
@@ -44,18 +51,20 @@ def save(net, path, *, storage_dtype: str | None = None) -> None:
                              f"{storage_dtype!r}")
         arrays = {name: value.astype(storage_dtype) if value.dtype.kind == "f" else value
                   for name, value in arrays.items()}
+    for name in training or {}:
+        if name != TRAINING_KEY and not name.startswith(TRAINING_PREFIXES):
+            raise ValueError(f"training entry {name!r} must start with one of "
+                             f"{TRAINING_PREFIXES} or be {TRAINING_KEY!r}")
+    arrays.update(training or {})
     arrays[_CONFIG_KEY] = np.array(json.dumps(net.config))
     arrays[_FORMAT_KEY] = np.array(FORMAT_VERSION)
     atomic_write(path, lambda stream: np.savez(stream, **arrays))
 
 
-def load(path):
-    """Read a checkpoint written by :func:`save` and return the :class:`minunet.UNet`
-    (NumPy arrays; call ``.to("cupy")`` to move it).
-
-    Raises ``ValueError`` for a file that is not a minunet checkpoint, a corrupt file, or
-    weights that are missing or do not fit the stored configuration.
-    """
+def read(path) -> tuple[dict, dict, dict]:
+    """``(config, state, training)`` of a file written by :func:`save`: the network's
+    configuration, its state dict (NumPy arrays) and the training entries (empty for a
+    plain model file). ``ValueError`` for a file that is not a minunet checkpoint."""
     path = os.fspath(path)
     try:
         archive = np.load(path, allow_pickle=False)
@@ -81,10 +90,26 @@ def load(path):
                          f"format {FORMAT_VERSION}")
     try:
         config = json.loads(str(arrays.pop(_CONFIG_KEY)))
-        net = UNet(**config)
-    except (json.JSONDecodeError, TypeError) as exc:
+    except json.JSONDecodeError as exc:
         raise ValueError(f"{path} has an invalid network configuration: {exc}") from exc
-    net.load_state_dict(arrays)  # ValueError on missing/unexpected keys or wrong shapes
+    training = {name: arrays.pop(name) for name in list(arrays)
+                if name == TRAINING_KEY or name.startswith(TRAINING_PREFIXES)}
+    return config, arrays, training
+
+
+def load(path):
+    """Read a model file or training checkpoint written by :func:`save` and return the
+    :class:`minunet.UNet` (NumPy arrays; call ``.to("cupy")`` to move it).
+
+    Raises ``ValueError`` for a file that is not a minunet checkpoint, a corrupt file, or
+    weights that are missing or do not fit the stored configuration.
+    """
+    config, state, _ = read(path)
+    try:
+        net = UNet(**config)
+    except TypeError as exc:
+        raise ValueError(f"{path} has an invalid network configuration: {exc}") from exc
+    net.load_state_dict(state)  # ValueError on missing/unexpected keys or wrong shapes
     return net
 
 

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import time
-import zipfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -40,14 +39,14 @@ from minunet.backend import is_cupy_array, to_device, to_numpy
 from minunet.data.loaders import Dataset
 from minunet.data.tiles import TileSampler
 from minunet.data.weights import carve_separation_borders, class_weight_map, weight_map
-from minunet.files import atomic_write
 from minunet.inference import predict
 from minunet.losses import softmax_cross_entropy
 from minunet.metrics import class_scores, count_objects, dice, iou, object_scores, pixel_error
 from minunet.optim import SGD, Adam
 from minunet.postprocess import label_instances
+from minunet.serialization import TRAINING_KEY, read, save
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: a model file of minunet.save with the training entries added
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
 LR_SCHEDULES = ("constant", "cosine")
 # Validation metrics that keep_best can select on, and their direction.
@@ -171,42 +170,40 @@ def make_optimizer(net, optimizer: str, lr: float | None, momentum: float, weigh
 
 def save_checkpoint(path, net, optimizer, history: History, rng: np.random.Generator,
                     step: int, settings: dict, best_state: dict | None = None) -> None:
-    """Write everything needed to resume training to one ``.npz`` file, atomically:
-    the network's state (``net/<name>``), the optimizer's (``optimizer/<name>``), the best
-    epoch's weights if kept (``best/<name>``), and a JSON entry with the network config,
-    the step, the history, the random generator's state and the training settings."""
-    arrays = {f"net/{k}": to_numpy(v) for k, v in net.state_dict().items()}
-    arrays.update({f"best/{k}": v for k, v in (best_state or {}).items()})
+    """Write everything needed to resume training to one ``.npz`` file, atomically.
+
+    A checkpoint is a model file of :func:`minunet.save` (so ``minunet.load`` and
+    ``predict --model`` read it as the network of its last epoch) with the training
+    entries added: the optimizer's state (``optimizer/<name>``), the best epoch's weights
+    if kept (``best/<name>``) and a JSON entry with the step, the history, the random
+    generator's state and the training settings."""
+    training = {f"best/{k}": v for k, v in (best_state or {}).items()}
     for key, value in optimizer.state_dict().items():
-        arrays[f"optimizer/{key}"] = np.asarray(to_numpy(value) if hasattr(value, "shape")
-                                                else value)
-    meta = {"format": CHECKPOINT_FORMAT, "config": net.config, "step": step,
-            "history": history.as_dict(), "rng": rng.bit_generator.state,
-            "settings": settings, "optimizer": type(optimizer).__name__}
-    arrays["__meta__"] = np.array(json.dumps(meta))
-    atomic_write(path, lambda stream: np.savez(stream, **arrays))
+        training[f"optimizer/{key}"] = np.asarray(to_numpy(value) if hasattr(value, "shape")
+                                                  else value)
+    meta = {"format": CHECKPOINT_FORMAT, "step": step, "history": history.as_dict(),
+            "rng": rng.bit_generator.state, "settings": settings,
+            "optimizer": type(optimizer).__name__}
+    training[TRAINING_KEY] = np.array(json.dumps(meta))
+    save(net, path, training=training)
 
 
 def load_checkpoint(path) -> tuple[dict, dict, dict]:
     """``(meta, net_state, optimizer_state)`` of a checkpoint written by
-    :func:`save_checkpoint`; ``ValueError`` if the file is not one."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-        meta = json.loads(str(arrays.pop("__meta__")))
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{path} is not a readable minunet training checkpoint: {exc}") from exc
+    :func:`save_checkpoint` (``meta`` also holds ``config`` and ``best_state``);
+    ``ValueError`` if the file is not one."""
+    config, net_state, training = read(path)
+    if TRAINING_KEY not in training:
+        raise ValueError(f"{path} is a model file, not a training checkpoint (it has no "
+                         f"optimizer state to resume from)")
+    meta = json.loads(str(training.pop(TRAINING_KEY)))
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
-    net_state = {k[4:]: v for k, v in arrays.items() if k.startswith("net/")}
-    best_state = {k[5:]: v for k, v in arrays.items() if k.startswith("best/")}
+        raise ValueError(f"{path}: unknown training checkpoint format {meta.get('format')!r}")
+    meta["config"] = config
+    best_state = {k[5:]: v for k, v in training.items() if k.startswith("best/")}
     meta["best_state"] = best_state or None
-    optimizer_state = {}
-    for key, value in arrays.items():
-        if key.startswith("optimizer/"):
-            optimizer_state[key[10:]] = value if value.ndim else value.item()
+    optimizer_state = {k[10:]: (v if v.ndim else v.item()) for k, v in training.items()
+                       if k.startswith("optimizer/")}
     return meta, net_state, optimizer_state
 
 

@@ -105,3 +105,19 @@ def test_an_unwritable_checkpoint_path_is_refused_before_training(cells, tmp_pat
     with pytest.raises(PermissionError, match="file.txt is not a writable folder"):
         fit(tiny_net(), train, steps=1, checkpoint_path=not_a_folder / "run.npz",
             progress=False)
+
+
+def test_a_training_checkpoint_is_also_a_model_file(cells, tmp_path):
+    train, _ = cells
+    path = tmp_path / "run.npz"
+    net = tiny_net()
+    fit(net, train, steps=2, batch_size=2, tile_size=32, checkpoint_path=path,
+        progress=False)
+    loaded = minunet.load(path)  # what predict --model reads
+    for name, value in net.state_dict().items():
+        np.testing.assert_array_equal(loaded.state_dict()[name], value, err_msg=name)
+    model_file = tmp_path / "model.npz"
+    minunet.save(net, model_file)
+    with pytest.raises(ValueError, match="model file, not a training checkpoint"):
+        fit(tiny_net(), train, steps=3, batch_size=2, tile_size=32, resume=True,
+            checkpoint_path=model_file, progress=False)
