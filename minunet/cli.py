@@ -137,7 +137,11 @@ def load_data(args, split: str):
     if not root.exists():
         raise UserError(f"--data {args.data}: no such folder (choose {DATA_HELP})")
     isbi = (root / "train-volume.tif").is_file() or (root / "train" / "image").is_dir()
-    data = load_isbi2012(root) if isbi else load_folder(root)
+    classes = getattr(args, "num_classes", 2) > 2
+    if isbi and classes:
+        raise UserError("--num-classes: ISBI 2012 has two classes (membrane, cell)")
+    data = load_isbi2012(root) if isbi else load_folder(root,
+                                                        kind="classes" if classes else "auto")
     if len(data) < 2:
         return data, data
     # at least one image on each side, whatever the fraction
@@ -174,18 +178,46 @@ def require_training_memory(net, args) -> None:
                    net.device)
 
 
+def as_boundary_classes(data):
+    """``data`` with its instance labels replaced by the three-class targets (background,
+    interior, boundary) of :func:`minunet.data.boundary_classes`."""
+    from minunet.data import Dataset, boundary_classes
+
+    return Dataset(list(data.images), [boundary_classes(labels) for labels in data.labels],
+                   list(data.names))
+
+
+def instances(prob, *, threshold: float, min_size: int):
+    """Cell labels from a network's probabilities: cell/background networks through
+    ``label_instances``, three-class networks (background, interior, boundary) by growing
+    their interiors (``label_boundary_classes``)."""
+    from minunet.postprocess import label_boundary_classes, label_instances
+
+    if prob.shape[0] == 2:
+        return label_instances(prob, threshold=threshold, min_size=min_size)
+    if prob.shape[0] == 3:
+        return label_boundary_classes(prob, min_size=min_size)
+    raise UserError(f"the network has {prob.shape[0]} classes: cells are counted with "
+                    f"cell/background or background/interior/boundary networks")
+
+
 def command_train(args) -> int:
     import minunet
     from minunet.data import save_overlay
-    from minunet.postprocess import label_instances
     from minunet.train import fit
 
     history_path, overlay = train_outputs(args)
     train, val = load_data(args, "train")
+    if args.num_classes > 2 and args.data in ("synthetic", "dsb2018"):
+        if args.num_classes != 3:
+            raise UserError(f"--num-classes {args.num_classes}: the cells of --data "
+                            f"{args.data} give 2 classes, or 3 (background, interior, "
+                            f"boundary); more need a folder of class-index masks")
+        train, val = (as_boundary_classes(data) for data in (train, val))
     channels = train.images[0].shape[0] if train.images[0].ndim == 3 else 1
     net = minunet.UNet(in_channels=channels, depth=args.depth, base_channels=args.base_channels,
                        padding=args.padding, batch_norm=args.batch_norm, dropout=args.dropout,
-                       seed=args.seed)
+                       num_classes=args.num_classes, seed=args.seed)
     to_device(net, args.device)
     require_training_memory(net, args)
     if not args.quiet:
@@ -195,19 +227,29 @@ def command_train(args) -> int:
     history = fit(net, train, val, steps=args.steps, steps_per_epoch=args.steps_per_epoch,
                   batch_size=args.batch_size, tile_size=args.tile_size,
                   optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-                  augment=not args.no_augment, weight_maps=not args.no_weight_maps,
+                  augment=not args.no_augment,
+                  weight_maps=not args.no_weight_maps and args.num_classes == 2,
                   seed=args.seed, checkpoint_path=args.checkpoint, resume=args.resume,
                   progress=not args.quiet, keep_best="iou")
     seconds = time.perf_counter() - start
     minunet.save(net, args.out)
     write_json(history_path, {"config": net.config, "seconds": seconds, **history.as_dict()})
     image, _ = val[0]
-    found = label_instances(minunet.predict(net, image, tile_size=args.predict_tile_size))
-    save_overlay(overlay, image, found, f"{val.names[0]}: {found.max()} cells found")
+    prob = minunet.predict(net, image, tile_size=args.predict_tile_size)
+    if args.num_classes > 3:  # classes, not cells: the overlay shows the class map
+        save_overlay(overlay, image, prob.argmax(axis=0), f"{val.names[0]}: classes")
+    else:
+        found = instances(prob, threshold=0.5, min_size=10)
+        save_overlay(overlay, image, found, f"{val.names[0]}: {found.max()} cells found")
+    if args.num_classes == 2:
+        columns = [("val_iou", "val IoU", ".3f"), ("val_dice", "val Dice", ".3f"),
+                   ("val_f1", "val F1", ".3f"), ("val_count_error", "count err", ".1%")]
+    else:  # per-class scores
+        columns = [(f"val_iou_{c}", f"IoU class {c}", ".3f")
+                   for c in range(1, args.num_classes)]
+        columns.append(("val_pixel_error", "pixel err", ".4f"))
     print_table(history.epochs, [("epoch", "epoch", "d"), ("step", "step", "d"),
-                                 ("train_loss", "loss", ".4f"), ("val_iou", "val IoU", ".3f"),
-                                 ("val_dice", "val Dice", ".3f"), ("val_f1", "val F1", ".3f"),
-                                 ("val_count_error", "count err", ".1%"),
+                                 ("train_loss", "loss", ".4f"), *columns,
                                  ("seconds", "seconds", ".1f")])
     best = history.epochs[history.best_epoch - 1]
     print(f"kept the weights of epoch {history.best_epoch} of {len(history.epochs)}, the best "
@@ -233,7 +275,6 @@ def command_predict(args) -> int:
         return command_slide(args, [args.image])
     from minunet.data import check_array_suffix, save_overlay, write_array
     from minunet.inference import predict
-    from minunet.postprocess import label_instances
 
     for option, path in (("--output", args.output), ("--labels", args.labels),
                          ("--overlay", args.overlay)):
@@ -244,20 +285,21 @@ def command_predict(args) -> int:
     net = load_model(args.model, args.device)
     image = read_input_image(args.image, net)
     prob = predict(net, image, tile_size=args.tile_size, tta=args.tta, progress=not args.quiet)
-    labels = label_instances(prob, threshold=args.threshold, min_size=min_cell_size(args))
+    labels = (prob.argmax(axis=0) if prob.shape[0] > 3  # classes, not cells
+              else instances(prob, threshold=args.threshold, min_size=min_cell_size(args)))
     write_array(args.output, prob, kind="probabilities")
     if args.labels:
         write_array(args.labels, labels, kind="labels")
     if args.overlay:
         save_overlay(args.overlay, image, labels)
-    print(f"{args.image}: {labels.max()} cells; probabilities written to {args.output}")
+    found = f"{labels.max()} cells" if prob.shape[0] <= 3 else f"{prob.shape[0]} classes"
+    print(f"{args.image}: {found}; probabilities written to {args.output}")
     return 0
 
 
 def command_evaluate(args) -> int:
     from minunet.inference import predict
     from minunet.metrics import segmentation_report
-    from minunet.postprocess import label_instances
 
     if args.json:
         check_writable(args.json, "--json")
@@ -266,7 +308,7 @@ def command_evaluate(args) -> int:
     rows = []
     for name, image, truth in zip(data.names, data.images, data.labels, strict=True):
         prob = predict(net, image, tile_size=args.tile_size, tta=args.tta)
-        found = label_instances(prob, threshold=args.threshold, min_size=min_cell_size(args))
+        found = instances(prob, threshold=args.threshold, min_size=min_cell_size(args))
         rows.append({"image": name, **segmentation_report(found, truth)})
     keys = [k for k in rows[0] if k != "image"]
     mean = {"image": "mean", **{k: float(np.mean([r[k] for r in rows])) for k in keys}}
@@ -285,7 +327,7 @@ def command_count(args) -> int:
     if args.chunk_size:
         return command_slide(args, args.images)
     from minunet.data import save_overlay
-    from minunet.inference import count_cells
+    from minunet.inference import predict
 
     if args.overlay_dir:
         check_writable(Path(args.overlay_dir) / f"{Path(args.images[0]).stem}_overlay.png",
@@ -294,12 +336,12 @@ def command_count(args) -> int:
     rows = []
     for path in args.images:
         image = read_input_image(path, net)
-        result = count_cells(image, net, threshold=args.threshold, tile_size=args.tile_size,
-                             tta=args.tta, min_size=min_cell_size(args))
-        rows.append({"image": str(path), "cells": result.count})
+        prob = predict(net, image, tile_size=args.tile_size, tta=args.tta)
+        labels = instances(prob, threshold=args.threshold, min_size=min_cell_size(args))
+        rows.append({"image": str(path), "cells": int(labels.max())})
         if args.overlay_dir:
             save_overlay(Path(args.overlay_dir) / f"{Path(path).stem}_overlay.png", image,
-                         result.labels)
+                         labels)
     print_table(rows, [("image", "image", "s"), ("cells", "cells", "d")])
     return 0
 
@@ -498,6 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--base-channels", type=_positive, default=8,
                        help="channels of the top level, doubled per level (paper: 64; "
                             "default 8)")
+    train.add_argument("--num-classes", type=_positive, default=2,
+                       help="2: cell/background (default); 3 on synthetic/dsb2018 data: "
+                            "background, interior and boundary of every cell; with a folder "
+                            "of class-index masks (0 .. N-1), N classes")
     train.add_argument("--padding", choices=("same", "valid"), default="same",
                        help="'valid' convolutions as in the paper, or 'same' (default)")
     train.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=True,

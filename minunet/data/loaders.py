@@ -118,9 +118,10 @@ def as_labels(raw, *, kind: str = "auto", image_shape=None, name: str = "mask") 
     kind
         ``"binary"``: at most two distinct values (0/1, 0/255, False/True); the foreground is
         split into 4-connected components, one label each. ``"instance"``: the values are
-        already cell ids (0 = background). ``"auto"``: binary if there are at most two values
-        (a warning says so when the foreground value is not 1 or 255, e.g. a 0/128 mask),
-        else instance.
+        already cell ids (0 = background). ``"classes"``: the values are class indices of a
+        multi-class network (0 = background), kept as they are. ``"auto"``: binary if there
+        are at most two values (a warning says so when the foreground value is not 1 or 255,
+        e.g. a 0/128 mask), else instance.
 
     Raises ``ValueError`` when the mask is not 2-D, does not match ``image_shape`` (H, W), has
     more than two values while ``kind="binary"``, or has negative values; warns when it has no
@@ -156,10 +157,10 @@ def as_labels(raw, *, kind: str = "auto", image_shape=None, name: str = "mask") 
                 f"({values[:5].tolist()}...); pass kind='instance' if it holds cell ids"
             )
         labels = instances_from_mask(raw > 0)
-    elif kind == "instance":
+    elif kind in ("instance", "classes"):
         labels = raw.astype(np.int32)
     else:
-        raise ValueError(f"kind must be 'binary', 'instance' or 'auto', got {kind!r}")
+        raise ValueError(f"kind must be 'binary', 'instance', 'classes' or 'auto', got {kind!r}")
     if not labels.any():
         warnings.warn(f"{name} has no foreground pixels (all background)", stacklevel=2)
     return labels
