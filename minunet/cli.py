@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minunet.files import atomic_write, check_writable, write_json
+from minunet.files import check_writable, write_json
 from minunet.inference import DEFAULT_TILE_SIZE
 
 DEFAULT_MODEL = os.path.join("runs", "minunet.npz")
@@ -394,6 +394,7 @@ def command_slide(args, slides_given) -> int:
     """predict/count of one whole slide: probabilities to Zarr (progress over chunks), cell
     centroids to CSV, and a downsampled overlay PNG."""
     from minunet import slides
+    from minunet.data import save_slide_overlay, write_centroids
 
     if len(slides_given) != 1:
         raise UserError("--chunk-size takes one slide at a time")
@@ -424,36 +425,6 @@ def command_slide(args, slides_given) -> int:
     print(f"{slide}: {found.count} cells; probabilities: {store}  centroids: {csv_path}  "
           f"overlay: {overlay}")
     return 0
-
-
-def write_centroids(path, found) -> None:
-    rows = [f"{row:.3f},{col:.3f},{area}"
-            for (row, col), area in zip(found.centroids, found.areas, strict=True)]
-    text = "\n".join(["row,col,area", *rows]) + "\n"
-    atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
-
-
-def save_slide_overlay(path, gray, found, title: str, edge: int = 1024) -> None:
-    """A PNG of the slide shrunk to about ``edge`` px (every k-th pixel, read chunk by
-    chunk) with a dot on every cell found."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    step = max(1, -(-max(gray.shape) // edge))
-    small = np.asarray(gray[::step, ::step].compute())
-    figure, axis = plt.subplots(figsize=(8, 8 * small.shape[0] / small.shape[1] + 0.4))
-    axis.imshow(small, cmap="gray", extent=(0, gray.shape[1], gray.shape[0], 0))
-    axis.scatter(found.centroids[:, 1], found.centroids[:, 0], s=2, c="tab:orange",
-                 linewidths=0)
-    axis.set_title(f"{title}: {found.count} cells (shown 1:{step})")
-    axis.set_axis_off()
-    figure.tight_layout()
-    try:
-        atomic_write(path, lambda stream: figure.savefig(stream, format="png", dpi=100))
-    finally:
-        plt.close(figure)
 
 
 # --- argument parsing -----------------------------------------------------------------------

@@ -44,7 +44,14 @@ from minunet.data.weights import (
     two_nearest_cell_distances,
     weight_map,
 )
-from minunet.data.writers import check_array_suffix, save_overlay, write_array
+from minunet.data.writers import (
+    check_array_suffix,
+    save_figure,
+    save_overlay,
+    save_slide_overlay,
+    write_array,
+    write_centroids,
+)
 
 __all__ = [
     "DIHEDRAL", "Dataset", "TileSampler", "apply_dihedral", "as_image", "as_labels", "augment",
@@ -53,6 +60,7 @@ __all__ = [
     "extract_tile", "gray_value_jitter", "instances_from_mask", "invert_dihedral", "is_colour",
     "load_dsb2018_nuclei", "load_folder", "load_isbi2012", "mirror_pad",
     "normalize_intensity", "pair_image_masks", "random_dihedral", "read_image",
-    "save_overlay", "separation_borders", "synthetic_cell_image", "synthetic_cells",
-    "two_nearest_cell_distances", "warp", "weight_map", "write_array",
+    "save_figure", "save_overlay", "save_slide_overlay", "separation_borders",
+    "synthetic_cell_image", "synthetic_cells", "two_nearest_cell_distances", "warp",
+    "weight_map", "write_array", "write_centroids",
 ]

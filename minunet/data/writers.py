@@ -1,4 +1,5 @@
-"""Writing results: probability maps and label images by file type, and overlay figures.
+"""Writing results: probability maps and label images by file type, overlay figures, and
+the cells of a whole slide as CSV.
 
 Every writer goes through :func:`minunet.files.atomic_write`, so an existing file is only
 ever replaced by a complete one.
@@ -70,8 +71,43 @@ def save_overlay(path, image, labels, title: str = "") -> None:
     axes[1].set_title(title or f"{int(labels.max())} cells found")
     for axis in axes:
         axis.set_axis_off()
+    save_figure(path, figure)
+
+
+def save_figure(path, figure) -> None:
+    """Write a matplotlib ``figure`` as PNG to ``path`` (atomically), then close it."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     try:
         atomic_write(path, lambda stream: figure.savefig(stream, format="png", dpi=100))
     finally:
         plt.close(figure)
+
+
+def write_centroids(path, found) -> None:
+    """The cells a whole-slide count found (:class:`minunet.slides.SlideCellCount`) as CSV:
+    one ``row,col,area`` line per cell, centroids in pixels."""
+    rows = [f"{row:.3f},{col:.3f},{area}"
+            for (row, col), area in zip(found.centroids, found.areas, strict=True)]
+    text = "\n".join(["row,col,area", *rows]) + "\n"
+    atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
+
+
+def save_slide_overlay(path, gray, found, title: str, edge: int = 1024) -> None:
+    """A PNG of the slide shrunk to about ``edge`` px (every k-th pixel, read chunk by
+    chunk) with a dot on every cell found."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    step = max(1, -(-max(gray.shape) // edge))
+    small = np.asarray(gray[::step, ::step].compute())
+    figure, axis = plt.subplots(figsize=(8, 8 * small.shape[0] / small.shape[1] + 0.4))
+    axis.imshow(small, cmap="gray", extent=(0, gray.shape[1], gray.shape[0], 0))
+    axis.scatter(found.centroids[:, 1], found.centroids[:, 0], s=2, c="tab:orange",
+                 linewidths=0)
+    axis.set_title(f"{title}: {found.count} cells (shown 1:{step})")
+    axis.set_axis_off()
+    save_figure(path, figure)
