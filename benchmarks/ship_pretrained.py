@@ -27,6 +27,7 @@ import numpy as np
 
 import minunet
 from minunet.data import load_dsb2018_nuclei, load_isbi2012
+from minunet.files import atomic_write, write_json
 from minunet.metrics import best_rand_error
 from minunet.zoo import MODELS
 
@@ -47,13 +48,6 @@ TASKS = {
         "input": "one gray-level channel, float in [0, 1] (percentile-normalised)",
     },
 }
-
-
-def atomic_text(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(handle, "w") as stream:
-        stream.write(text)
-    os.replace(temporary, path)
 
 
 def half_precision_check(net, name: str, data_path: str) -> tuple[float, float]:
@@ -148,7 +142,7 @@ def main(argv=None) -> int:
             "file_bytes": target.stat().st_size, "float16_check": [largest, changed],
             "training": {k: v for k, v in training.items() if k != "name"},
             "postprocess": recommended_postprocess(net, args.name, args.data), "scores": None}
-    atomic_text(MODELS / f"{args.name}.json", json.dumps(card, indent=2) + "\n")
+    write_json(MODELS / f"{args.name}.json", card)
     extra = ["--data", args.data] if args.name == "isbi2012" else []
     bench_segmentation.main([args.name, "--model", args.name, *extra])
     results = json.loads((bench_segmentation.RESULTS
@@ -156,8 +150,9 @@ def main(argv=None) -> int:
     card["scores"] = {key: value for key, value in results.items() if key.startswith("test")}
     if args.name == "isbi2012":
         card["scores"]["paper_table1_hidden_test_set"] = bench_segmentation.PAPER_ISBI
-    atomic_text(MODELS / f"{args.name}.json", json.dumps(card, indent=2) + "\n")
-    atomic_text(MODELS / f"{args.name}.md", markdown_card(card))
+    write_json(MODELS / f"{args.name}.json", card)
+    text = markdown_card(card).encode()
+    atomic_write(MODELS / f"{args.name}.md", lambda stream: stream.write(text))
     print(f"shipped {target} ({card['file_bytes'] / 2**20:.1f} MiB) with its model card")
     return 0
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -32,6 +31,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 import minunet
 from minunet.data import load_dsb2018_nuclei, load_isbi2012
+from minunet.files import write_json
 from minunet.train import fit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,9 +126,7 @@ def main(argv=None) -> int:
            "train_seconds": round(seconds, 1), "steps_done": len(history.loss),
            "best_epoch": history.best_epoch, "epochs": history.epochs}
     log_path = OUTPUT / f"{args.name}{args.stage}.json"
-    temporary = log_path.with_name(f".tmp-{log_path.name}")
-    temporary.write_text(json.dumps(log, indent=2) + "\n")
-    os.replace(temporary, log_path)
+    write_json(log_path, log)
     print(f"{args.name}: {len(history.loss)} steps in {seconds / 60:.1f} min, best epoch "
           f"{history.best_epoch}; written {model_path} and {log_path}")
     return 0
