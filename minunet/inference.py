@@ -107,6 +107,20 @@ def _predict_once(net, image: np.ndarray, tile_size, margin: int, progress: bool
     return result
 
 
+def context_margin(net, margin: int | None) -> int:
+    """The extra context of every tile: ``margin`` checked for ``net`` (0 for a valid
+    network, which needs none; ``SAME_PADDING_MARGIN`` by default for a 'same' one)."""
+    if net.config["padding"] == "valid":
+        if margin:
+            raise ValueError("margin is only used by 'same'-padding networks")
+        return 0
+    if margin is None:
+        return SAME_PADDING_MARGIN
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    return margin
+
+
 def predict(net, image, tile_size: int | None = DEFAULT_TILE_SIZE, tta: bool = False, *,
             margin: int | None = None, progress: bool = False) -> np.ndarray:
     """Class probabilities of ``image`` under ``net``, float32 (num_classes, H, W).
@@ -149,14 +163,7 @@ def predict(net, image, tile_size: int | None = DEFAULT_TILE_SIZE, tta: bool = F
                          f"(e.g. np.nan_to_num) before predicting")
     if tile_size is not None and (not isinstance(tile_size, numbers.Integral) or tile_size < 1):
         raise ValueError(f"tile_size must be a positive int or None, got {tile_size!r}")
-    if net.config["padding"] == "valid":
-        if margin:
-            raise ValueError("margin is only used by 'same'-padding networks")
-        margin = 0
-    elif margin is None:
-        margin = SAME_PADDING_MARGIN
-    elif margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
+    margin = context_margin(net, margin)
     image = image.astype(net.dtype, copy=False)
     was_training = net.training
     net.eval()

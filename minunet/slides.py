@@ -43,7 +43,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minunet.backend import to_numpy
-from minunet.inference import SAME_PADDING_MARGIN, tiling_plan
+from minunet.inference import context_margin, tiling_plan
 from minunet.inference import predict as predict_in_memory
 from minunet.postprocess import foreground_probability, label_instances
 
@@ -306,14 +306,10 @@ def network_halo(net, margin: int | None) -> tuple[int, int]:
     max-pool quantum, so every window starts on the pooling grid) and the 'same'-padding
     margin handed to :func:`minunet.predict` (0 for a valid network)."""
     quantum = 2 ** (net.config["depth"] - 1)
-    if net.config["padding"] == "valid":
-        if margin:
-            raise SlideError("margin is only used by 'same'-padding networks")
-        margin = 0
-    elif margin is None:
-        margin = SAME_PADDING_MARGIN
-    elif margin < 0:
-        raise SlideError(f"margin must be >= 0, got {margin}")
+    try:
+        margin = context_margin(net, margin)
+    except ValueError as exc:
+        raise SlideError(str(exc)) from None
     offset = tiling_plan(net, quantum, None, margin)[4]  # (input - output) / 2 + margin
     return -(-offset // quantum) * quantum, margin
 
