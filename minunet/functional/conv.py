@@ -156,12 +156,12 @@ def _column_blocks(x, geometry: ConvGeometry):
     blocks, buffer = column_blocks(
         geometry, x.shape[0], x.shape[1], x.dtype, BLOCK_PIXELS, COLUMN_BUDGET_BYTES
     )
-    rows_per_column = x.shape[1] * math.prod(geometry.kernel_size)
+    column_rows = x.shape[1] * math.prod(geometry.kernel_size)
     for images, out_rows, in_rows, block in blocks:
         count, pixels = images.stop - images.start, math.prod(block.out_hw)
-        cols = buffer[: rows_per_column * count * pixels].reshape(rows_per_column, count, pixels)
+        cols = buffer[: column_rows * count * pixels].reshape(column_rows, count, pixels)
         im2col(x_pad[images, :, in_rows], block, out=cols.transpose(1, 0, 2))
-        yield images, out_rows, cols.reshape(rows_per_column, -1)
+        yield images, out_rows, cols.reshape(column_rows, -1)
 
 
 def _correlate(x, weight, geometry: ConvGeometry):
@@ -265,12 +265,12 @@ def _input_gradient(grad_out, weight, geometry: ConvGeometry):
     blocks, buffer = column_blocks(
         geometry, batch, c_in, grad_out.dtype, BLOCK_PIXELS, COLUMN_BUDGET_BYTES
     )
-    rows_per_column = weight_matrix_t.shape[0]
+    column_rows = weight_matrix_t.shape[0]
     for images, out_rows, in_rows, block in blocks:
         count, pixels = images.stop - images.start, math.prod(block.out_hw)
-        grad_cols = buffer[: rows_per_column * count * pixels].reshape(rows_per_column, -1)
+        grad_cols = buffer[: column_rows * count * pixels].reshape(column_rows, -1)
         np.matmul(weight_matrix_t, _as_columns(grad_out[images, :, out_rows]), out=grad_cols)
-        col2im(grad_cols.reshape(rows_per_column, count, pixels).transpose(1, 0, 2), block,
+        col2im(grad_cols.reshape(column_rows, count, pixels).transpose(1, 0, 2), block,
                out=grad_x_pad[images, :, in_rows])
     return crop2d(grad_x_pad, geometry)
 
