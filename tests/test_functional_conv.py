@@ -182,6 +182,21 @@ def test_fast_and_reference_agree(seed):
         np.testing.assert_allclose(fast, reference, rtol=1e-10, atol=1e-10)
 
 
+def check_conv_and_transpose_against_torch(seed, x, weight, bias, kwargs, torch_padding):
+    """The fast convolution of this case, then a random transposed convolution of the same
+    seed, against PyTorch in float64."""
+    torch_out, grad_out, grads = torch_forward_backward(
+        F.conv2d, x, weight, bias, seed, **{**kwargs, "padding": torch_padding}
+    )
+    check_against_torch(*FAST, np.float64, x, weight, bias, kwargs, torch_out, grad_out, grads)
+    x, weight, bias, kwargs = random_conv_transpose_case(seed, small=False)
+    torch_out, grad_out, grads = torch_forward_backward(
+        F.conv_transpose2d, x, weight, bias, seed, **kwargs
+    )
+    check_against_torch(*FAST_T, np.float64, x, weight, bias, kwargs, torch_out, grad_out,
+                        grads)
+
+
 @pytest.mark.parametrize("budget_rows", [1, 3])
 @pytest.mark.parametrize("seed", range(400, 408))
 def test_banded_im2col_matches_torch(seed, budget_rows, monkeypatch):
@@ -192,17 +207,7 @@ def test_banded_im2col_matches_torch(seed, budget_rows, monkeypatch):
     kh, kw = weight.shape[2:]
     bytes_per_row = x.shape[1] * kh * kw * x.shape[3] * x.itemsize  # an upper bound
     monkeypatch.setattr(conv_module, "COLUMN_BUDGET_BYTES", budget_rows * bytes_per_row // 2)
-    torch_out, grad_out, grads = torch_forward_backward(
-        F.conv2d, x, weight, bias, seed, **{**kwargs, "padding": torch_padding}
-    )
-    check_against_torch(*FAST, np.float64, x, weight, bias, kwargs, torch_out, grad_out, grads)
-
-    x, weight, bias, kwargs = random_conv_transpose_case(seed, small=False)
-    torch_out, grad_out, grads = torch_forward_backward(
-        F.conv_transpose2d, x, weight, bias, seed, **kwargs
-    )
-    check_against_torch(*FAST_T, np.float64, x, weight, bias, kwargs, torch_out, grad_out,
-                        grads)
+    check_conv_and_transpose_against_torch(seed, x, weight, bias, kwargs, torch_padding)
 
 
 @pytest.mark.parametrize("block_pixels", [1, 7, 64])
@@ -215,17 +220,7 @@ def test_small_blocks_match_torch(seed, block_pixels, monkeypatch):
     monkeypatch.setattr(conv_module, "BLOCK_PIXELS", block_pixels)
     x, weight, bias, kwargs, torch_padding = random_conv_case(seed, small=False)
     kwargs["stride"] = (1, 1)  # the shifted products and gradient columns need stride 1
-    torch_out, grad_out, grads = torch_forward_backward(
-        F.conv2d, x, weight, bias, seed, **{**kwargs, "padding": torch_padding}
-    )
-    check_against_torch(*FAST, np.float64, x, weight, bias, kwargs, torch_out, grad_out, grads)
-
-    x, weight, bias, kwargs = random_conv_transpose_case(seed, small=False)
-    torch_out, grad_out, grads = torch_forward_backward(
-        F.conv_transpose2d, x, weight, bias, seed, **kwargs
-    )
-    check_against_torch(*FAST_T, np.float64, x, weight, bias, kwargs, torch_out, grad_out,
-                        grads)
+    check_conv_and_transpose_against_torch(seed, x, weight, bias, kwargs, torch_padding)
 
 
 # --- The U-Net's own shapes -----------------------------------------------------------------
