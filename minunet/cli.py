@@ -305,10 +305,11 @@ def command_evaluate(args) -> int:
         check_writable(args.json, "--json")
     net = load_model(args.model, args.device)
     _, data = load_data(args, "evaluate")
+    min_size = min_cell_size(args)
     rows = []
     for name, image, truth in zip(data.names, data.images, data.labels, strict=True):
         prob = predict(net, image, tile_size=args.tile_size, tta=args.tta)
-        found = instances(prob, threshold=args.threshold, min_size=min_cell_size(args))
+        found = instances(prob, threshold=args.threshold, min_size=min_size)
         rows.append({"image": name, **segmentation_report(found, truth)})
     keys = [k for k in rows[0] if k != "image"]
     mean = {"image": "mean", **{k: float(np.mean([r[k] for r in rows])) for k in keys}}
@@ -333,11 +334,12 @@ def command_count(args) -> int:
         check_writable(Path(args.overlay_dir) / f"{Path(args.images[0]).stem}_overlay.png",
                        "--overlay-dir")
     net = load_model(args.model, args.device)
+    min_size = min_cell_size(args)
     rows = []
     for path in args.images:
         image = read_input_image(path, net)
         prob = predict(net, image, tile_size=args.tile_size, tta=args.tta)
-        labels = instances(prob, threshold=args.threshold, min_size=min_cell_size(args))
+        labels = instances(prob, threshold=args.threshold, min_size=min_size)
         rows.append({"image": str(path), "cells": int(labels.max())})
         if args.overlay_dir:
             save_overlay(Path(args.overlay_dir) / f"{Path(path).stem}_overlay.png", image,

@@ -154,9 +154,9 @@ def merges_and_splits(pred_labels, true_labels, majority: float = 0.5) -> dict[s
     """
     if not 0.5 <= majority < 1:
         raise ValueError(f"majority must be in [0.5, 1), got {majority}")
-    table = contingency(pred_labels, true_labels)[1:, 1:].astype(np.float64)
-    pred_sizes = contingency(pred_labels, pred_labels).diagonal()[1:].astype(np.float64)
-    true_sizes = contingency(true_labels, true_labels).diagonal()[1:].astype(np.float64)
+    full = contingency(pred_labels, true_labels).astype(np.float64)
+    table = full[1:, 1:]
+    pred_sizes, true_sizes = full[1:].sum(axis=1), full[:, 1:].sum(axis=0)
     held = table > majority * true_sizes[None, :]  # pred i holds most of true j
     inside = table > majority * pred_sizes[:, None]  # pred i lies mostly inside true j
     merged = held.sum(axis=1)
@@ -198,15 +198,15 @@ def best_rand_error(foreground_probabilities, true_labels, thresholds=None, *,
     thresholds = np.round(np.arange(0.1, 0.95, 0.1), 2) if thresholds is None else thresholds
     if len(foreground_probabilities) != len(true_labels) or not len(true_labels):
         raise ValueError("need the same non-zero number of probability maps and label images")
-    pairs = list(zip(foreground_probabilities, true_labels, strict=True))
-    by_threshold = {
-        float(t): float(np.mean([rand_error(threshold_segments(p, t, grow=grow), truth)
-                                 for p, truth in pairs]))
-        for t in thresholds
-    }
+    truths = list(true_labels)
+    segments = {float(t): [threshold_segments(p, t, grow=grow)
+                           for p in foreground_probabilities] for t in thresholds}
+    by_threshold = {t: float(np.mean([rand_error(found, truth)
+                                      for found, truth in zip(found_all, truths, strict=True)]))
+                    for t, found_all in segments.items()}
     best = min(by_threshold, key=by_threshold.get)
-    vi = [variation_of_information(threshold_segments(p, best, grow=grow), truth)
-          for p, truth in pairs]
+    vi = [variation_of_information(found, truth)
+          for found, truth in zip(segments[best], truths, strict=True)]
     return {"rand_error": by_threshold[best], "threshold": best, "by_threshold": by_threshold,
             "vi": {key: float(np.mean([row[key] for row in vi])) for key in vi[0]}}
 

@@ -70,7 +70,8 @@ def _improves(score: float, metric: str, best: float | None) -> bool:
 
 
 def _copy_state(net) -> dict:
-    return {name: to_numpy(value).copy() for name, value in net.state_dict().items()}
+    """The network's state on the host (``state_dict`` already copies)."""
+    return {name: to_numpy(value) for name, value in net.state_dict().items()}
 
 
 @dataclass
