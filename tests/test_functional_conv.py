@@ -424,3 +424,53 @@ def test_tiny_edge_configurations(size, kernel, stride, dilation, padding, trans
         return
     check_against_torch(forward, backward, np.float64, x, weight, bias, kwargs, torch_out,
                         grad_out, grads)
+
+
+# --- The shifted products: every stride-1 case, forced onto them -----------------------------
+
+
+@pytest.mark.parametrize("block_columns", [5, 4096])
+@pytest.mark.parametrize("backend", ["blas", "numpy"])
+@pytest.mark.parametrize("seed", range(440, 452))
+def test_shifted_products_match_torch(seed, block_columns, backend, monkeypatch):
+    """Forward and (with more output than input channels) input gradient by shifted
+    products, on every stride-1 geometry: dilations, uneven and 'full' paddings, several
+    images, blocks that cut through rows and images; with BLAS's gemm and without it."""
+    import minunet.functional.blas as blas_module
+    import minunet.functional.conv as conv_module
+
+    monkeypatch.setattr(conv_module, "SHIFTED_MIN_CHANNELS", 1)
+    monkeypatch.setattr(conv_module, "SHIFTED_MIN_USEFUL", 0.0)
+    monkeypatch.setattr(conv_module, "SHIFTED_BLOCK_COLUMNS", (block_columns, block_columns))
+    if backend == "numpy":
+        monkeypatch.setattr(blas_module, "_GEMM", {})
+    calls = []
+    shifted = conv_module._correlate_by_shifted_products
+    monkeypatch.setattr(conv_module, "_correlate_by_shifted_products",
+                        lambda *args: calls.append(args[0].shape) or shifted(*args))
+    x, weight, bias, kwargs, torch_padding = random_conv_case(seed, small=False)
+    kwargs["stride"] = (1, 1)
+    if seed % 2:  # more output than input channels: the backward's shifted branch
+        weight = np.concatenate([weight, weight[::-1] * 0.5], axis=0)[:, :1]
+        x, bias = x[:, :1], np.concatenate([bias, bias])
+    torch_out, grad_out, grads = torch_forward_backward(
+        F.conv2d, x, weight, bias, seed, **{**kwargs, "padding": torch_padding})
+    check_against_torch(*FAST, np.float64, x, weight, bias, kwargs, torch_out, grad_out, grads)
+    backward_too = weight.shape[0] > weight.shape[1] and _carries_back(weight, kwargs)
+    assert len(calls) == 1 + backward_too
+
+
+def _carries_back(weight, kwargs):
+    """Whether grad_out can be padded onto the input grid (padding <= d*(k-1) per side)."""
+    if kwargs["padding"] in ("same", "valid", "full"):
+        return True
+    return all(p <= d * (k - 1) for p, d, k in
+               zip(kwargs["padding"], kwargs["dilation"], weight.shape[2:], strict=True))
+
+
+def test_unet_layer_with_many_channels_float32(rng):
+    """A U-Net-sized 3x3 layer (16 -> 32 channels) on the default paths, in float32."""
+    x, weight, bias = (rng.standard_normal(s) for s in ((2, 16, 40, 36), (32, 16, 3, 3), (32,)))
+    torch_out, grad_out, grads = torch_forward_backward(F.conv2d, x, weight, bias, 0, padding=1)
+    check_against_torch(*FAST, np.float32, x, weight, bias, {"padding": 1}, torch_out,
+                        grad_out, grads)

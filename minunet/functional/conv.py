@@ -35,6 +35,7 @@ import numpy as np
 
 from minunet.checks import ConvGeometry, check_grad_out, conv2d_arguments
 from minunet.functional._dispatch import dispatch_on_array_type
+from minunet.functional.blas import gemm
 from minunet.functional.im2col import (
     col2im,
     column_blocks,
@@ -114,6 +115,14 @@ def conv2d_backward_reference(grad_out, x, weight, stride=1, padding=0, dilation
 # choice: their columns are still in the CPU's cache when the product reads them.
 BLOCK_PIXELS = 1024
 COLUMN_BUDGET_BYTES = 64 * 2**20
+# The shifted products (see _correlate_by_shifted_products): about this many bytes of
+# partial sums per block (within the bounds on its columns), the fewest input channels for
+# which C_in-row products beat one im2col product, and the least useful fraction of the
+# flat positions (the rest are the junk beside and below each image).
+SHIFTED_BLOCK_BYTES = 4 * 2**20
+SHIFTED_BLOCK_COLUMNS = (2048, 16384)
+SHIFTED_MIN_CHANNELS = 8
+SHIFTED_MIN_USEFUL = 0.7
 
 
 def _is_pointwise(geometry: ConvGeometry) -> bool:
@@ -175,64 +184,57 @@ def _correlate(x, weight, geometry: ConvGeometry):
     return out
 
 
-def _shifted_products_pay(x, weight, geometry: ConvGeometry) -> bool:
+def _shifted_products_pay(x, geometry: ConvGeometry) -> bool:
     """Whether :func:`_correlate_by_shifted_products` beats im2col for this convolution.
 
-    It needs stride 1. It replaces kH*kW copies of the C_in input channels (im2col) by
-    kH*kW - 1 additions over the C_out output channels, so it pays where C_out <= C_in, and
-    where an image fills at least one block (smaller images are better served by im2col,
-    which puts several of them in one product).
+    It needs stride 1. It replaces the kH*kW copies of the input that im2col makes by
+    kH*kW products of C_in rows each, which run at full speed from a few channels on; it
+    also computes the junk columns of every padded row and image, so it loses where they are
+    many (the deepest levels' tiny maps, which im2col serves better).
     """
-    return (
-        geometry.stride == (1, 1)
-        and weight.shape[0] <= x.shape[1]
-        and math.prod(geometry.out_hw) >= BLOCK_PIXELS
-    )
+    useful = math.prod(geometry.out_hw) / math.prod(geometry.padded_hw)
+    return (geometry.stride == (1, 1) and x.shape[1] >= SHIFTED_MIN_CHANNELS
+            and useful >= SHIFTED_MIN_USEFUL)
 
 
 def _correlate_by_shifted_products(x, weight, geometry: ConvGeometry):
     """A stride-1 convolution as kH*kW shifted products over the flattened padded input.
 
-    Flatten each padded image row by row: x_flat (C_in, H_pad*W_pad). Tap (a, b) of output
-    pixel (i, j) reads flat position ``(i*W_pad + j) + (a*d_h*W_pad + b*d_w)``: the same
-    shift for every pixel. Computing the output on rows of W_pad pixels (the last
-    W_pad - W_out of each are junk, dropped at the end),
+    Lay the padded images side by side, channel by channel, and flatten them:
+    x_flat (C_in, N*H_pad*W_pad). Output pixel (n, i, j) sits at flat position
+    ``p = n*H_pad*W_pad + i*W_pad + j``, and its tap (a, b) reads ``x_flat[:, p + shift]``
+    with ``shift = a*d_h*W_pad + b*d_w``: the same shift for every pixel. Computing one
+    output per flat position (those past the edge of an image are junk, dropped at the end),
 
-        out_wide (C_out, H_out*W_pad) = sum_{a,b} weight[:, :, a, b] (C_out, C_in)
-                                            @ x_flat[:, shift(a, b) : shift(a, b) + H_out*W_pad]
+        out_flat (C_out, N*H_pad*W_pad) = sum_{a,b} weight[:, :, a, b] (C_out, C_in)
+                                              @ x_flat[:, shift(a, b) : shift(a, b) + length]
 
-    and every term reads a *view* of x_flat: no column matrix is built. The sum runs over
-    blocks of output rows so that the partial sums stay in cache.
+    every term reads a *window* of x_flat, and BLAS adds it straight onto the sum
+    (:func:`~minunet.functional.blas.gemm`): no column matrix, no temporary. The sum runs
+    over blocks of columns so that the block's partial sums stay in cache.
     """
     (kh, kw), (dh, dw) = geometry.kernel_size, geometry.dilation
     (h_out, w_out), (h_pad, w_pad) = geometry.out_hw, geometry.padded_hw
     (top, _), (left, _) = geometry.padding
     batch, c_in, h, w = x.shape
     c_out = weight.shape[0]
-    # (kw - 1)*d_w zeros after the last row: the last tap's view runs past it by that much.
-    x_flat = np.zeros((batch, c_in, h_pad * w_pad + (kw - 1) * dw), dtype=x.dtype)
-    x_padded = x_flat[:, :, : h_pad * w_pad].reshape(batch, c_in, h_pad, w_pad)
-    x_padded[:, :, top : top + h, left : left + w] = x
-    tap_weights = np.ascontiguousarray(weight.transpose(2, 3, 0, 1))  # (kH, kW, C_out, C_in)
-    out = np.empty((batch, c_out, h_out, w_out), dtype=x.dtype)
-    rows = max(1, BLOCK_PIXELS // w_pad)
-    partial_sum = np.empty((c_out, rows * w_pad), dtype=x.dtype)
-    term = np.empty_like(partial_sum)
-    for n in range(batch):
-        for start in range(0, h_out, rows):
-            stop = min(start + rows, h_out)
-            width = (stop - start) * w_pad
-            for a in range(kh):
-                for b in range(kw):
-                    shift = (start + a * dh) * w_pad + b * dw
-                    first = a == 0 and b == 0
-                    product = partial_sum[:, :width] if first else term[:, :width]
-                    np.matmul(tap_weights[a, b], x_flat[n, :, shift : shift + width], out=product)
-                    if not first:
-                        partial_sum[:, :width] += product
-            wide = partial_sum[:, :width].reshape(c_out, stop - start, w_pad)
-            out[n, :, start:stop] = wide[:, :, :w_out]
-    return out
+    shifts = [a * dh * w_pad + b * dw for a in range(kh) for b in range(kw)]
+    length = batch * h_pad * w_pad
+    # The last tap's window runs shifts[-1] columns past the last image: zeros.
+    x_flat = np.zeros((c_in, length + shifts[-1]), dtype=x.dtype)
+    x_images = x_flat[:, :length].reshape(c_in, batch, h_pad, w_pad)
+    x_images[:, :, top : top + h, left : left + w] = x.transpose(1, 0, 2, 3)
+    taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1)).reshape(kh * kw, c_out, c_in)
+    out_flat = np.empty((c_out, length), dtype=x.dtype)
+    fewest, most = SHIFTED_BLOCK_COLUMNS
+    block = min(most, max(fewest, SHIFTED_BLOCK_BYTES // (c_out * x.dtype.itemsize)))
+    for start in range(0, length, block):
+        stop = min(start + block, length)
+        for index, shift in enumerate(shifts):
+            gemm(taps[index], x_flat[:, start + shift : stop + shift], out_flat[:, start:stop],
+                 accumulate=index > 0)
+    out_images = out_flat.reshape(c_out, batch, h_pad, w_pad)[:, :, :h_out, :w_out]
+    return np.ascontiguousarray(out_images.transpose(1, 0, 2, 3))
 
 
 def _weight_gradient(grad_out, x, geometry: ConvGeometry):
@@ -244,7 +246,7 @@ def _weight_gradient(grad_out, x, geometry: ConvGeometry):
     c_out = grad_out.shape[1]
     transposed = np.zeros((x.shape[1] * math.prod(geometry.kernel_size), c_out), x.dtype)
     for images, rows, cols in _column_blocks(x, geometry):
-        transposed += cols @ _as_columns(grad_out[images, :, rows]).T
+        gemm(cols, _as_columns(grad_out[images, :, rows]).T, transposed, accumulate=True)
     return transposed.T.reshape(c_out, x.shape[1], *geometry.kernel_size)
 
 
@@ -296,6 +298,12 @@ def _gradient_geometry(geometry: ConvGeometry) -> ConvGeometry | None:
     return geometry._replace(padding=padding, in_hw=geometry.out_hw, out_hw=geometry.in_hw)
 
 
+def _flipped_transpose(weight):
+    """(C_out, C_in, kH, kW) -> (C_in, C_out, kH, kW), each kernel turned by 180 degrees: the
+    weight of the convolution that carries grad_out back onto the input (stride 1)."""
+    return np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+
+
 def _gradients_from_gradient_columns(grad_out, x, weight, geometry: ConvGeometry):
     """(grad_x, grad_weight) of a stride-1 convolution from one im2col of grad_out.
 
@@ -312,13 +320,12 @@ def _gradients_from_gradient_columns(grad_out, x, weight, geometry: ConvGeometry
     reads ``x`` itself instead of a second im2col of it.
     """
     c_out, c_in, kh, kw = weight.shape
-    flipped_t = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
-    flipped_matrix_t = np.ascontiguousarray(flipped_t).reshape(c_in, -1)
+    flipped_matrix_t = _flipped_transpose(weight).reshape(c_in, -1)
     grad_x = np.empty_like(x)
     grad_w_flipped = np.zeros((c_out * kh * kw, c_in), dtype=x.dtype)
     for images, rows, gcols in _column_blocks(grad_out, _gradient_geometry(geometry)):
         _matmul_into(flipped_matrix_t, gcols, grad_x[images, :, rows])
-        grad_w_flipped += gcols @ _as_columns(x[images, :, rows]).T
+        gemm(gcols, _as_columns(x[images, :, rows]).T, grad_w_flipped, accumulate=True)
     grad_w = grad_w_flipped.reshape(c_out, kh, kw, c_in)[:, ::-1, ::-1].transpose(0, 3, 1, 2)
     return grad_x, np.ascontiguousarray(grad_w)
 
@@ -344,7 +351,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1):
                       + sum_{c, a, b} weight[o, c, a, b] * x_pad[n, c, i*s_h + a*d_h, j*s_w + b*d_w]
     """
     geometry = conv2d_arguments(x, weight, bias, stride, padding, dilation)
-    if _shifted_products_pay(x, weight, geometry):
+    if _shifted_products_pay(x, geometry):
         out = _correlate_by_shifted_products(x, weight, geometry)
     else:
         out = _correlate(x, weight, geometry)
@@ -366,9 +373,17 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1):
     """
     geometry = conv2d_arguments(x, weight, None, stride, padding, dilation)
     check_grad_out(grad_out, (x.shape[0], weight.shape[0], *geometry.out_hw), x)
-    # The columns of grad_out have C_out*kH*kW rows, those of x C_in*kH*kW: col2im and the
-    # second im2col it saves cost about as much as columns of up to twice as many channels.
-    if _gradient_geometry(geometry) is not None and weight.shape[0] <= 2 * weight.shape[1]:
+    c_out, c_in = weight.shape[:2]
+    carried_back = _gradient_geometry(geometry)
+    if carried_back is not None and c_out > c_in and _shifted_products_pay(grad_out, carried_back):
+        # More output than input channels: grad_out reaches the input grid by shifted
+        # products (the flipped kernel's convolution), and the weight gradient uses the
+        # columns of x, the smaller ones.
+        grad_x = _correlate_by_shifted_products(grad_out, _flipped_transpose(weight),
+                                                carried_back)
+        grad_weight = _weight_gradient(grad_out, x, geometry)
+    elif carried_back is not None and c_out <= 2 * c_in:
+        # One im2col of grad_out serves both products, each with K = C_out*kH*kW.
         grad_x, grad_weight = _gradients_from_gradient_columns(grad_out, x, weight, geometry)
     else:
         grad_x = _input_gradient(grad_out, weight, geometry)
