@@ -352,14 +352,19 @@ class MaxPool2d(Module):
 
 class ReLU(Module):
     """``y = max(x, 0)``; ``dL/dx = dL/dy * [x > 0]`` (the derivative at 0 is taken as 0,
-    as in PyTorch). Keeps its output for backward (``y > 0`` exactly where ``x > 0``)."""
+    as in PyTorch). Keeps its output for backward (``y > 0`` exactly where ``x > 0``).
 
-    def __init__(self):
+    With ``inplace=True`` the output overwrites the input (as PyTorch's ``inplace``): for
+    a ReLU whose input nothing else keeps, such as the fresh output of a convolution.
+    """
+
+    def __init__(self, inplace: bool = False):
         super().__init__()
+        self.inplace = inplace
         self._y = None
 
     def forward(self, x):
-        self._y = F.relu(x)
+        self._y = F.relu(x, out=x if self.inplace else None)
         return self._y
 
     def backward(self, grad_out):
@@ -552,11 +557,13 @@ class DoubleConv(Module):
         self.conv1 = Conv2d(in_channels, out_channels, 3, padding, dtype=dtype, seed=rng)
         if batch_norm:
             self.bn1 = BatchNorm2d(out_channels, dtype=dtype)
-        self.relu1 = ReLU()
+        # In place: a convolution's or BatchNorm's output is a fresh array that neither
+        # keeps for its backward pass.
+        self.relu1 = ReLU(inplace=True)
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding, dtype=dtype, seed=rng)
         if batch_norm:
             self.bn2 = BatchNorm2d(out_channels, dtype=dtype)
-        self.relu2 = ReLU()
+        self.relu2 = ReLU(inplace=True)
 
     def layers(self) -> list[tuple[str, Module]]:
         """The sub-layers in forward order."""

@@ -239,6 +239,26 @@ def test_relu_and_its_gradient(device, dtype, rng):
     assert_close(device("relu_backward", grad_out, x), np.where(x > 0, grad_out, 0), dtype)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_relu_in_place_and_special_values_as_torch(device, dtype, rng):
+    """The ReLU writing over its input (``out=x``), and NaN, -0.0 and infinities, forward
+    and backward, against PyTorch."""
+    import torch
+
+    x = rng.standard_normal((2, 3, 5, 7)).astype(dtype)
+    x.flat[:5] = [np.nan, -0.0, 0.0, np.inf, -np.inf]
+    grad_out = rng.standard_normal(x.shape).astype(dtype)
+    x_t = torch.tensor(x, requires_grad=True)
+    y_t = torch.relu(x_t)
+    y_t.backward(torch.tensor(grad_out))
+    on_device = device.put(x.copy())
+    assert ops.relu(on_device, out=on_device) is on_device
+    np.testing.assert_array_equal(to_numpy(on_device), y_t.detach().numpy())
+    np.testing.assert_array_equal(device("relu_backward", grad_out, x), x_t.grad.numpy())
+    with pytest.raises(ValueError, match="out"):
+        ops.relu(device.put(x), out=device.put(x[:1]))
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_softmax_cross_entropy(device, dtype, weighted, rng):

@@ -468,18 +468,23 @@ def _check_like(reference_name: str, reference, **others) -> None:
                              f"{tuple(reference.shape)}, got {tuple(array.shape)}")
 
 
-def _relu_forward(run, x):
-    y = run.empty(x.shape, x.dtype)
+def _relu_forward(run, x, y=None):
+    y = run.empty(x.shape, x.dtype) if y is None else y
     _launch_1d(run.kernel("elementwise.cu", "relu_forward", x.dtype), x.size,
                (run.contiguous(x), y, _int(x.size, "size")))
     return y
 
 
-def relu(x):
-    """``max(x, 0)`` elementwise, any shape, float32/float64; a new array."""
+def relu(x, out=None):
+    """``max(x, 0)`` elementwise, any shape, float32/float64: a new array, or ``out`` (a
+    contiguous array of ``x``'s shape and dtype; ``x`` itself for an in-place ReLU)."""
     _check_float("x", x)
     _check_size(x)
-    return _relu_forward(gpu_runner(), x)
+    if out is not None:
+        _check_like("out", x, out=out)
+        if not out.flags.c_contiguous:
+            raise ValueError("out must be a contiguous array")
+    return _relu_forward(gpu_runner(), x, out)
 
 
 def relu_backward(grad_out, x):

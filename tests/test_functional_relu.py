@@ -1,0 +1,42 @@
+"""The ReLU's gradient against PyTorch's, special values included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from minunet.functional import relu_backward
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_backward_matches_torch_with_special_values(dtype):
+    """relu_backward (bitwise masking) against PyTorch's ReLU gradient, with zeros, -0.0,
+    NaN and infinities in the input and in the upstream gradient."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 4, 9, 7)).astype(dtype)
+    grad_out = rng.standard_normal(x.shape).astype(dtype)
+    x.flat[:6] = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-30]
+    grad_out.flat[6:12] = [np.nan, np.inf, -np.inf, np.nan, 0.0, -0.0]
+    grad_out.flat[:6] = np.nan  # where x is not positive, PyTorch passes 0, even for NaN
+    x_t = torch.tensor(x, requires_grad=True)
+    torch.relu(x_t).backward(torch.tensor(grad_out))
+    actual = relu_backward(grad_out, x)
+    assert actual.dtype == dtype
+    np.testing.assert_array_equal(actual, x_t.grad.numpy())
+    assert np.array_equal(np.signbit(actual), np.signbit(x_t.grad.numpy()))
+
+
+def test_relu_in_place_matches_torch_and_checks_out():
+    from minunet.functional import relu
+
+    x = np.random.default_rng(6).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    x.flat[:3] = [np.nan, -0.0, np.inf]
+    expected = torch.relu(torch.tensor(x)).numpy()
+    fresh = relu(x)
+    assert fresh is not x
+    np.testing.assert_array_equal(fresh, expected)
+    assert relu(x, out=x) is x
+    np.testing.assert_array_equal(x, expected)
+    with pytest.raises(ValueError, match="out must have x's shape"):
+        relu(x, out=np.empty((2, 3), np.float32))
