@@ -63,6 +63,8 @@ import torch.nn.functional as TF  # noqa: E402
 from bench_kernels import blas_description, sgemm_peak_gflops  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import minunet.functional  # noqa: E402
+import minunet.functional.blas as blas  # noqa: E402
 import minunet.functional.conv as conv_kernels  # noqa: E402
 from minunet import UNet, losses, optim  # noqa: E402
 from minunet.files import write_json  # noqa: E402
@@ -83,29 +85,37 @@ CASES = [
 
 # minunet's CPU optimisations as a ladder (see minunet/functional/conv.py): the plain
 # im2col/col2im kernels with 64 MiB blocks first, then each optimisation added in turn; the
-# last rung is minunet as it is. Each rung names the kernel replacements that switch off
-# the optimisations not yet added.
-NO_SHIFTED_PRODUCTS = {"_shifted_products_pay": lambda x, weight, geometry: False}
+# last rung is minunet as it is. Each rung names the replacements (module, attribute) that
+# switch off the optimisations not yet added.
+NO_SHIFTED_PRODUCTS = {(conv_kernels, "_shifted_products_pay"): lambda x, geometry: False}
+NUMPY_GEMM = {(blas, "_GEMM"): {}}  # each product to a temporary, then added
+BRANCHING_RELU_GRADIENT = {(minunet.functional, "relu_backward"):
+                           lambda grad_out, x: np.where(x > 0, grad_out, 0).astype(grad_out.dtype)}
+BEFORE_SHIFTED = {**NO_SHIFTED_PRODUCTS, **NUMPY_GEMM, **BRANCHING_RELU_GRADIENT}
 LADDER = [
     ("im2col forward, col2im backward, one 64 MiB block",
-     {**NO_SHIFTED_PRODUCTS, "_gradient_geometry": lambda geometry: None,
-      "BLOCK_PIXELS": 2**40}),
-    ("+ backward from one im2col of grad_out", {**NO_SHIFTED_PRODUCTS, "BLOCK_PIXELS": 2**40}),
-    ("+ blocks of about 1024 pixels", NO_SHIFTED_PRODUCTS),
-    ("+ shifted products in the forward pass", {}),
+     {**BEFORE_SHIFTED, (conv_kernels, "_gradient_geometry"): lambda geometry: None,
+      (conv_kernels, "BLOCK_PIXELS"): 2**40}),
+    ("+ backward from one im2col of grad_out",
+     {**BEFORE_SHIFTED, (conv_kernels, "BLOCK_PIXELS"): 2**40}),
+    ("+ blocks of about 1024 pixels", BEFORE_SHIFTED),
+    ("+ shifted products (NumPy: each product, then a sum)",
+     {**NUMPY_GEMM, **BRANCHING_RELU_GRADIENT}),
+    ("+ BLAS adds each product in place (gemm, beta = 1)", BRANCHING_RELU_GRADIENT),
+    ("+ a branch-free ReLU gradient", {}),
 ]
 
 
 @contextlib.contextmanager
 def switched_off(replacements):
-    saved = {name: getattr(conv_kernels, name) for name in replacements}
-    for name, value in replacements.items():
-        setattr(conv_kernels, name, value)
+    saved = {key: getattr(*key) for key in replacements}
+    for (module, name), value in replacements.items():
+        setattr(module, name, value)
     try:
         yield
     finally:
-        for name, value in saved.items():
-            setattr(conv_kernels, name, value)
+        for (module, name), value in saved.items():
+            setattr(module, name, value)
 
 
 def convolution_flops(net, x_shape) -> int:
