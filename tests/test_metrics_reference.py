@@ -8,9 +8,11 @@ from skimage.metrics import adapted_rand_error
 from skimage.metrics import variation_of_information as skimage_vi
 from skimage.morphology import h_maxima as skimage_h_maxima
 from skimage.segmentation import watershed
+from sklearn.metrics import accuracy_score, f1_score
 
 from minunet.data import boundary_classes, synthetic_cells
 from minunet.metrics import (
+    best_pixel_error,
     best_rand_error,
     class_scores,
     merges_and_splits,
@@ -78,6 +80,30 @@ def test_best_rand_error_is_the_minimum_over_thresholds():
     best = min(expected, key=expected.get)
     assert result["threshold"] == best
     assert result["rand_error"] == pytest.approx(expected[best], rel=1e-12)
+
+
+def test_best_pixel_error_is_one_minus_the_best_f_score_over_all_images():
+    rng = np.random.default_rng(7)
+    truths = [np.where(rng.random((20, 24)) > 0.3, 255, 0).astype(np.uint8) for _ in range(3)]
+    probs = [np.clip((t > 0) * 0.5 + rng.random(t.shape) * 0.6, 0, 1) for t in truths]
+    thresholds = [0.2, 0.4, 0.6, 0.8]
+    result = best_pixel_error(probs, truths, thresholds)
+    truth = np.concatenate([t.ravel() > 0 for t in truths])
+    prob = np.concatenate([p.ravel() for p in probs])
+    expected = {t: 1 - f1_score(truth, prob > t) for t in thresholds}
+    assert result["by_threshold"] == pytest.approx(expected, rel=1e-12)
+    best = min(expected, key=expected.get)
+    assert result["threshold"] == best
+    assert result["pixel_error"] == pytest.approx(expected[best], rel=1e-12)
+    assert result["misclassified"] == pytest.approx(1 - accuracy_score(truth, prob > best))
+    assert result["pixel_error"] < result["misclassified"]  # F counts true positives twice
+
+
+def test_best_pixel_error_refuses_mismatched_inputs():
+    with pytest.raises(ValueError, match="same non-zero number"):
+        best_pixel_error([np.zeros((4, 4))], [])
+    with pytest.raises(ValueError, match="same shape"):
+        best_pixel_error([np.zeros((4, 4))], [np.zeros((4, 5), np.uint8)])
 
 
 def test_merges_and_splits_count_touching_instances():
