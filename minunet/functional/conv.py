@@ -375,10 +375,10 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1):
     check_grad_out(grad_out, (x.shape[0], weight.shape[0], *geometry.out_hw), x)
     c_out, c_in = weight.shape[:2]
     carried_back = _gradient_geometry(geometry)
-    if carried_back is not None and c_out > c_in and _shifted_products_pay(grad_out, carried_back):
-        # More output than input channels: grad_out reaches the input grid by shifted
-        # products (the flipped kernel's convolution), and the weight gradient uses the
-        # columns of x, the smaller ones.
+    if carried_back is not None and c_out >= c_in and _shifted_products_pay(grad_out, carried_back):
+        # At least as many output as input channels: grad_out reaches the input grid by
+        # shifted products (the flipped kernel's convolution), and the weight gradient uses
+        # the columns of x, the smaller ones.
         grad_x = _correlate_by_shifted_products(grad_out, _flipped_transpose(weight),
                                                 carried_back)
         grad_weight = _weight_gradient(grad_out, x, geometry)
