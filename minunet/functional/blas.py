@@ -31,8 +31,6 @@ def _load_numpy_gemm() -> dict:
     """``{dtype: cblas_?gemm}`` from the OpenBLAS bundled with NumPy's wheels (64-bit
     integers, symbols prefixed ``scipy_``); empty if there is none (e.g. a NumPy built on
     MKL or Accelerate), in which case :func:`gemm` uses NumPy."""
-    if os.environ.get("MINUNET_NUMPY_GEMM_ONLY"):
-        return {}
     numpy_dir = os.path.dirname(np.__file__)
     paths = sorted(glob.glob(os.path.join(numpy_dir, os.pardir, "numpy.libs", "*openblas64*"))
                    + glob.glob(os.path.join(numpy_dir, ".dylibs", "*openblas64*")))

@@ -21,10 +21,11 @@ is built from the very same three private kernels (:func:`_correlate`,
 
 Two faster routes serve the stride-1 convolutions of a U-Net, each explained where it is
 defined: the backward pass from one im2col of grad_out
-(:func:`_gradients_from_gradient_columns`), and a forward pass of shifted products over
-the flattened padded image that builds no column matrix
-(:func:`_correlate_by_shifted_products`). Column matrices are built block by block, so the
-memory stays bounded (see ``BLOCK_PIXELS``).
+(:func:`_gradients_from_gradient_columns`), and shifted products over the flattened padded
+images, summed in place by BLAS, that build no column matrix
+(:func:`_correlate_by_shifted_products`: the forward pass, and the input gradient where a
+layer has at least as many output as input channels). Column matrices are built block by
+block, so the memory stays bounded (see ``BLOCK_PIXELS``).
 """
 
 from __future__ import annotations
