@@ -186,6 +186,14 @@ def threshold_segments(foreground_probability, threshold: float, *, grow: bool =
     return segments.astype(np.int32)
 
 
+def _checked_thresholds(foreground_probabilities, true_labels, thresholds):
+    """The thresholds that :func:`best_pixel_error` and :func:`best_rand_error` try (0.1 to
+    0.9 in steps of 0.1 unless given), once the maps and labels are known to pair up."""
+    if len(foreground_probabilities) != len(true_labels) or not len(true_labels):
+        raise ValueError("need the same non-zero number of probability maps and label images")
+    return np.round(np.arange(0.1, 0.95, 0.1), 2) if thresholds is None else thresholds
+
+
 def best_rand_error(foreground_probabilities, true_labels, thresholds=None, *,
                     grow: bool = False) -> dict:
     """The ISBI 2012 protocol: threshold the foreground probability maps, take the segments
@@ -197,9 +205,7 @@ def best_rand_error(foreground_probabilities, true_labels, thresholds=None, *,
     Returns ``{"rand_error", "threshold", "by_threshold": {threshold: mean error}, "vi"}``
     (``vi``: the means of :func:`variation_of_information`).
     """
-    thresholds = np.round(np.arange(0.1, 0.95, 0.1), 2) if thresholds is None else thresholds
-    if len(foreground_probabilities) != len(true_labels) or not len(true_labels):
-        raise ValueError("need the same non-zero number of probability maps and label images")
+    thresholds = _checked_thresholds(foreground_probabilities, true_labels, thresholds)
     truths = list(true_labels)
     segments = {float(t): [threshold_segments(p, t, grow=grow)
                            for p in foreground_probabilities] for t in thresholds}
@@ -226,9 +232,7 @@ def best_pixel_error(foreground_probabilities, true_labels, thresholds=None) -> 
     Returns ``{"pixel_error", "threshold", "by_threshold": {threshold: 1 - F},
     "misclassified": the misclassified fraction at that threshold}``.
     """
-    thresholds = np.round(np.arange(0.1, 0.95, 0.1), 2) if thresholds is None else thresholds
-    if len(foreground_probabilities) != len(true_labels) or not len(true_labels):
-        raise ValueError("need the same non-zero number of probability maps and label images")
+    thresholds = _checked_thresholds(foreground_probabilities, true_labels, thresholds)
     pairs = [_pair(p, t, "probability maps and labels")
              for p, t in zip(foreground_probabilities, true_labels, strict=True)]
     truth = np.concatenate([t.ravel() > 0 for _, t in pairs])

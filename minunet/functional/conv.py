@@ -305,7 +305,7 @@ def _flipped_transpose(weight):
     return np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
 
 
-def _gradients_from_gradient_columns(grad_out, x, weight, geometry: ConvGeometry):
+def _gradients_from_gradient_columns(grad_out, x, weight, carried_back: ConvGeometry):
     """(grad_x, grad_weight) of a stride-1 convolution from one im2col of grad_out.
 
     ``gcols = im2col(grad_out padded by d*(k-1) - p)`` has rows (o, a', b') and one column
@@ -318,13 +318,14 @@ def _gradients_from_gradient_columns(grad_out, x, weight, geometry: ConvGeometry
     where ``flip`` turns the kernel by 180 degrees and ``grad_w'`` is the weight gradient
     with its kernel flipped too. The input gradient is a convolution of grad_out with the
     flipped kernel (no col2im, whose scattered additions are slow), and the weight gradient
-    reads ``x`` itself instead of a second im2col of it.
+    reads ``x`` itself instead of a second im2col of it. ``carried_back`` is
+    :func:`_gradient_geometry` of the convolution.
     """
     c_out, c_in, kh, kw = weight.shape
     flipped_matrix_t = _flipped_transpose(weight).reshape(c_in, -1)
     grad_x = np.empty_like(x)
     grad_w_flipped = np.zeros((c_out * kh * kw, c_in), dtype=x.dtype)
-    for images, rows, gcols in _column_blocks(grad_out, _gradient_geometry(geometry)):
+    for images, rows, gcols in _column_blocks(grad_out, carried_back):
         _matmul_into(flipped_matrix_t, gcols, grad_x[images, :, rows])
         gemm(gcols, _as_columns(x[images, :, rows]).T, grad_w_flipped, accumulate=True)
     grad_w = grad_w_flipped.reshape(c_out, kh, kw, c_in)[:, ::-1, ::-1].transpose(0, 3, 1, 2)
@@ -385,7 +386,7 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1):
         grad_weight = _weight_gradient(grad_out, x, geometry)
     elif carried_back is not None and c_out <= 2 * c_in:
         # One im2col of grad_out serves both products, each with K = C_out*kH*kW.
-        grad_x, grad_weight = _gradients_from_gradient_columns(grad_out, x, weight, geometry)
+        grad_x, grad_weight = _gradients_from_gradient_columns(grad_out, x, weight, carried_back)
     else:
         grad_x = _input_gradient(grad_out, weight, geometry)
         grad_weight = _weight_gradient(grad_out, x, geometry)
