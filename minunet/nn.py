@@ -8,7 +8,11 @@ Every layer is a small class in the style of cs231n and "Deep Learning from Scra
 
 There is no autograd engine: a network calls its layers' ``backward`` in the reverse order of
 their ``forward`` (see :meth:`minunet.UNet.backward`). A layer therefore serves one forward
-call at a time: calling ``forward`` twice before ``backward`` overwrites the cache.
+call at a time: calling ``forward`` twice before ``backward`` overwrites the cache. And
+``backward`` lets the cache go once it has used it, as PyTorch frees a graph's saved tensors:
+the feature maps of the layers already done are returned to memory while the backward pass
+goes on (a quarter of the peak memory of the paper's training step), and a second
+``backward`` needs a new ``forward`` first.
 
 All arrays are NCHW. Layers work on NumPy or CuPy arrays alike: the array library is taken
 from the arrays (:func:`minunet.backend.get_array_module`) and the kernels of
@@ -235,6 +239,7 @@ class _ConvolutionLayer(Module):
 
     def backward(self, grad_out):
         x = self._require_cache(self._x)
+        self._clear_cache()
         grad_x, grad_w, grad_b = self._kernel_backward(grad_out, x, self.weight.data)
         self.weight.grad += grad_w
         if self.bias is not None:
@@ -337,9 +342,9 @@ class MaxPool2d(Module):
         return out
 
     def backward(self, grad_out):
-        x = self._require_cache(self._x)
-        return F.max_pool2d_backward(grad_out, x, self.kernel_size, self.stride,
-                                     indices=self._winners)
+        x, winners = self._require_cache(self._x), self._winners
+        self._clear_cache()
+        return F.max_pool2d_backward(grad_out, x, self.kernel_size, self.stride, indices=winners)
 
     def output_shape(self, input_shape):
         n, c, h, w = input_shape
@@ -368,7 +373,9 @@ class ReLU(Module):
         return self._y
 
     def backward(self, grad_out):
-        return F.relu_backward(grad_out, self._require_cache(self._y))
+        y = self._require_cache(self._y)
+        self._clear_cache()
+        return F.relu_backward(grad_out, y)
 
     def _clear_cache(self):
         self._y = None
@@ -476,6 +483,7 @@ class BatchNorm2d(Module):
 
     def backward(self, grad_out):
         x_hat, inv_std, batch_statistics = self._require_cache(self._cache)
+        self._clear_cache()
         self.weight.grad += (grad_out * x_hat).sum(axis=(0, 2, 3))
         self.bias.grad += grad_out.sum(axis=(0, 2, 3))
         scale = self._per_channel(self.weight.data * inv_std)
@@ -529,6 +537,7 @@ class CropConcat(Module):
 
     def backward(self, grad_out):
         skip_shape, skip_dtype = self._require_cache(self._cache)
+        self._clear_cache()
         xp = get_array_module(grad_out)
         skip_channels = skip_shape[1]
         rows, cols = self.crop_window(skip_shape[2:], grad_out.shape[2:])

@@ -156,6 +156,30 @@ def test_backward_before_forward_raises():
         nn.Conv2d(1, 1, 3, dtype="float64").backward(np.zeros((1, 1, 2, 2)))
 
 
+@pytest.mark.parametrize(
+    "layer",
+    [nn.Conv2d(2, 2, 3, dtype="float64"), nn.ConvTranspose2d(2, 2, dtype="float64"), nn.ReLU(),
+     nn.MaxPool2d(2), nn.BatchNorm2d(2, dtype="float64")],
+    ids=lambda layer: type(layer).__name__,
+)
+def test_backward_releases_what_forward_cached(layer, rng):
+    # As PyTorch frees a graph's saved tensors: the cached maps are gone after one backward,
+    # so a second one needs a new forward instead of silently reusing stale inputs.
+    out = layer.forward(rng.standard_normal((1, 2, 6, 6)))
+    layer.backward(np.ones_like(out))
+    with pytest.raises(RuntimeError, match="before forward"):
+        layer.backward(np.ones_like(out))
+    layer.backward(np.ones_like(layer.forward(rng.standard_normal((1, 2, 6, 6)))))
+
+
+def test_crop_concat_backward_releases_its_cache(rng):
+    layer = nn.CropConcat()
+    out = layer.forward(rng.standard_normal((1, 2, 8, 8)), rng.standard_normal((1, 3, 6, 6)))
+    layer.backward(np.ones_like(out))
+    with pytest.raises(RuntimeError, match="before forward"):
+        layer.backward(np.ones_like(out))
+
+
 def test_module_names_modes_and_state_dict(rng):
     block = nn.DoubleConv(2, 3, batch_norm=True, dtype="float64", seed=0)
     names = [name for name, _ in block.named_parameters()]

@@ -32,7 +32,8 @@ def relu_backward(grad_out, x):
     # grad_out with all zeros (x <= 0) or all ones (else) has no data-dependent branch.
     grad_out = np.asarray(grad_out)
     bits = np.dtype(f"i{grad_out.dtype.itemsize}")
-    mask = np.less_equal(x, 0).astype(bits)
+    mask = np.empty(grad_out.shape, dtype=bits)
+    np.less_equal(x, 0, out=mask)  # straight into integers: no boolean array to convert
     np.subtract(mask, 1, out=mask)  # 1 -> 0, 0 -> -1 (all bits set)
     np.bitwise_and(mask, grad_out.view(bits), out=mask)
     return mask.view(grad_out.dtype)
