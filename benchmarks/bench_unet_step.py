@@ -14,8 +14,9 @@ of the medians (the machine may be busy: alternating exposes both to the same lo
 case also gives the convolutions' GFLOP/s next to the peak of a large float32 matrix
 product (sgemm) measured in the same process with the same threads, and ``--ladder``
 times minunet's step with its CPU optimisations added one at a time.
-Writes ``benchmarks/results/unet_step_cpu.json``; ``--profile`` adds a cProfile breakdown
-of one minunet step (where the time goes, by function).
+Writes ``benchmarks/results/unet_step_cpu.json``, with the peak memory of one minunet step
+(its arrays, with and without each layer's cache freed during backward); ``--profile`` adds
+a cProfile breakdown of one minunet step (where the time goes, by function).
 
 Usage: ``python benchmarks/bench_unet_step.py [--threads N] [--repeats R] [--cases NAME ...]
 [--ladder [NAME ...]] [--profile]``
@@ -56,6 +57,7 @@ import math  # noqa: E402
 import pstats  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+import tracemalloc  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -66,7 +68,7 @@ from tqdm import tqdm  # noqa: E402
 import minunet.functional  # noqa: E402
 import minunet.functional.blas as blas  # noqa: E402
 import minunet.functional.conv as conv_kernels  # noqa: E402
-from minunet import UNet, losses, optim  # noqa: E402
+from minunet import UNet, losses, nn, optim  # noqa: E402
 from minunet.files import write_json  # noqa: E402
 from minunet.nn import Conv2d, ConvTranspose2d  # noqa: E402
 from minunet.serialization import to_torch_state_dict  # noqa: E402
@@ -91,7 +93,14 @@ NO_SHIFTED_PRODUCTS = {(conv_kernels, "_shifted_products_pay"): lambda x, geomet
 NUMPY_GEMM = {(blas, "_GEMM"): {}}  # each product to a temporary, then added
 BRANCHING_RELU_GRADIENT = {(minunet.functional, "relu_backward"):
                            lambda grad_out, x: np.where(x > 0, grad_out, 0).astype(grad_out.dtype)}
-BEFORE_SHIFTED = {**NO_SHIFTED_PRODUCTS, **NUMPY_GEMM, **BRANCHING_RELU_GRADIENT}
+# every layer keeps what forward cached until the next forward (the caches freed in backward
+# are the last rung)
+CACHES_KEPT = {(layer, "_clear_cache"): lambda self: None
+               for layer in (nn._ConvolutionLayer, nn.ReLU, nn.MaxPool2d, nn.BatchNorm2d,
+                             nn.CropConcat)}
+FRESH_SCRATCH = {(conv_kernels, "SCRATCH_MAX_BYTES"): 0}  # new flat arrays at every call
+LATER = {**CACHES_KEPT, **FRESH_SCRATCH}  # the rungs after the kernels' own
+BEFORE_SHIFTED = {**NO_SHIFTED_PRODUCTS, **NUMPY_GEMM, **BRANCHING_RELU_GRADIENT, **LATER}
 LADDER = [
     ("im2col forward, col2im backward, one 64 MiB block",
      {**BEFORE_SHIFTED, (conv_kernels, "_gradient_geometry"): lambda geometry: None,
@@ -100,9 +109,12 @@ LADDER = [
      {**BEFORE_SHIFTED, (conv_kernels, "BLOCK_PIXELS"): 2**40}),
     ("+ blocks of about 1024 pixels", BEFORE_SHIFTED),
     ("+ shifted products (NumPy: each product, then a sum)",
-     {**NUMPY_GEMM, **BRANCHING_RELU_GRADIENT}),
-    ("+ BLAS adds each product in place (gemm, beta = 1)", BRANCHING_RELU_GRADIENT),
-    ("+ a branch-free ReLU gradient", {}),
+     {**NUMPY_GEMM, **BRANCHING_RELU_GRADIENT, **LATER}),
+    ("+ BLAS adds each product in place (gemm, beta = 1)",
+     {**BRANCHING_RELU_GRADIENT, **LATER}),
+    ("+ a branch-free ReLU gradient", LATER),
+    ("+ backward frees each layer's cache once used", FRESH_SCRATCH),
+    ("+ shifted products reuse their flat arrays", {}),
 ]
 
 
@@ -186,6 +198,17 @@ def time_with(replacements, step):
     return replaced
 
 
+def peak_memory_mb(step) -> float:
+    """The most memory the arrays allocated by one call of ``step`` held at once, in MiB
+    (NumPy reports its allocations to tracemalloc; PyTorch's are not counted)."""
+    tracemalloc.start()
+    try:
+        step()
+        return tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
 def profile_step(step, top=12) -> str:
     profiler = cProfile.Profile()
     profiler.enable()
@@ -236,6 +259,11 @@ def main():
                   "convolution_gflop": flops / 1e9,
                   "minunet_gflops": flops / ours / 1e9, "torch_gflops": flops / theirs / 1e9,
                   "minunet_times_s": times["minunet"], "torch_times_s": times["torch"]}
+        result["peak_memory_mb"] = {"minunet": peak_memory_mb(ours_step),
+                                    "caches_kept": peak_memory_mb(time_with(CACHES_KEPT,
+                                                                            ours_step))}
+        print(f"{'':>34}peak memory of a step: {result['peak_memory_mb']['minunet']:.0f} MiB,"
+              f" {result['peak_memory_mb']['caches_kept']:.0f} MiB with every cache kept")
         if ladder:
             medians[LADDER[-1][0]], times[LADDER[-1][0]] = ours, times["minunet"]
             result["ladder"] = [

@@ -460,6 +460,30 @@ def test_shifted_products_match_torch(seed, block_columns, backend, monkeypatch)
     assert len(calls) == 1 + backward_too
 
 
+def test_shifted_products_ignore_what_their_scratch_held(monkeypatch):
+    """The flat buffers are reused from call to call: a call that fills them with NaN, then
+    smaller padded calls, must give PyTorch's result (every padding zero written again),
+    and a result must not change when the next call reuses the buffers."""
+    import minunet.functional.conv as conv_module
+
+    monkeypatch.setattr(conv_module, "SHIFTED_MIN_CHANNELS", 1)
+    monkeypatch.setattr(conv_module, "SHIFTED_MIN_USEFUL", 0.0)
+    rng = np.random.default_rng(0)
+    mf.conv2d(np.full((2, 3, 20, 20), np.nan), np.ones((4, 3, 3, 3)))
+    weight = rng.standard_normal((4, 3, 3, 3))
+    results = []
+    for padding in [(2, 1), "same", "full"]:
+        x = rng.standard_normal((2, 3, 9, 7))
+        ours = mf.conv2d(x, weight, padding=padding)
+        torch_padding = {"full": 2}.get(padding, padding)
+        expected = F.conv2d(torch.from_numpy(x), torch.from_numpy(weight),
+                            padding=torch_padding).numpy()
+        np.testing.assert_allclose(ours, expected, rtol=1e-12, atol=1e-12)
+        results.append((ours, ours.copy()))
+    for kept, copy in results:
+        np.testing.assert_array_equal(kept, copy)
+
+
 def _carries_back(weight, kwargs):
     """Whether grad_out can be padded onto the input grid (padding <= d*(k-1) per side)."""
     if kwargs["padding"] in ("same", "valid", "full"):

@@ -31,6 +31,7 @@ block, so the memory stays bounded (see ``BLOCK_PIXELS``).
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -124,6 +125,27 @@ SHIFTED_BLOCK_BYTES = 4 * 2**20
 SHIFTED_BLOCK_COLUMNS = (2048, 16384)
 SHIFTED_MIN_CHANNELS = 8
 SHIFTED_MIN_USEFUL = 0.7
+# The shifted products' two flat arrays (the padded input and the padded output) are scratch,
+# and the largest are as large as a feature map. Fresh memory is not free: the operating
+# system finds and zeroes every new page, a tenth of the paper network's training step. So
+# each thread keeps its two buffers from call to call, each up to this size (larger ones
+# are allocated and dropped each time): a bounded amount, held per thread.
+SCRATCH_MAX_BYTES = 128 * 2**20
+_scratch = threading.local()
+
+
+def _scratch_array(name: str, shape, dtype):
+    """An array of ``shape`` and ``dtype`` with *undefined contents*, in this thread's reused
+    buffer ``name`` (grown on demand; not kept beyond :data:`SCRATCH_MAX_BYTES`). The next
+    request for ``name`` on this thread overwrites it: nothing may hold it after the call."""
+    size, dtype = math.prod(shape), np.dtype(dtype)
+    if size * dtype.itemsize > SCRATCH_MAX_BYTES:
+        return np.empty(shape, dtype)
+    buffer = getattr(_scratch, name, None)
+    if buffer is None or buffer.dtype != dtype or buffer.size < size:
+        buffer = np.empty(size, dtype)
+        setattr(_scratch, name, buffer)
+    return buffer[:size].reshape(shape)
 
 
 def _is_pointwise(geometry: ConvGeometry) -> bool:
@@ -221,12 +243,16 @@ def _correlate_by_shifted_products(x, weight, geometry: ConvGeometry):
     c_out = weight.shape[0]
     shifts = [a * dh * w_pad + b * dw for a in range(kh) for b in range(kw)]
     length = batch * h_pad * w_pad
-    # The last tap's window runs shifts[-1] columns past the last image: zeros.
-    x_flat = np.zeros((c_in, length + shifts[-1]), dtype=x.dtype)
+    x_flat = _scratch_array("shifted_input", (c_in, length + shifts[-1]), x.dtype)
+    x_flat[:, length:] = 0  # the last tap's window runs shifts[-1] columns past the last image
     x_images = x_flat[:, :length].reshape(c_in, batch, h_pad, w_pad)
+    x_images[:, :, :top] = 0  # the padding: zeros around each image
+    x_images[:, :, top + h :] = 0
+    x_images[:, :, top : top + h, :left] = 0
+    x_images[:, :, top : top + h, left + w :] = 0
     x_images[:, :, top : top + h, left : left + w] = x.transpose(1, 0, 2, 3)
     taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1)).reshape(kh * kw, c_out, c_in)
-    out_flat = np.empty((c_out, length), dtype=x.dtype)
+    out_flat = _scratch_array("shifted_output", (c_out, length), x.dtype)
     fewest, most = SHIFTED_BLOCK_COLUMNS
     block = min(most, max(fewest, SHIFTED_BLOCK_BYTES // (c_out * x.dtype.itemsize)))
     for start in range(0, length, block):
@@ -234,8 +260,9 @@ def _correlate_by_shifted_products(x, weight, geometry: ConvGeometry):
         for index, shift in enumerate(shifts):
             gemm(taps[index], x_flat[:, start + shift : stop + shift], out_flat[:, start:stop],
                  accumulate=index > 0)
-    out_images = out_flat.reshape(c_out, batch, h_pad, w_pad)[:, :, :h_out, :w_out]
-    return np.ascontiguousarray(out_images.transpose(1, 0, 2, 3))
+    out = np.empty((batch, c_out, h_out, w_out), dtype=x.dtype)  # never the scratch itself
+    out[...] = out_flat.reshape(c_out, batch, h_pad, w_pad)[:, :, :h_out, :w_out].swapaxes(0, 1)
+    return out
 
 
 def _weight_gradient(grad_out, x, geometry: ConvGeometry):
