@@ -461,25 +461,28 @@ def test_shifted_products_match_torch(seed, block_columns, backend, monkeypatch)
 
 
 def test_shifted_products_ignore_what_their_scratch_held(monkeypatch):
-    """The flat buffers are reused from call to call: a call that fills them with NaN, then
-    smaller padded calls, must give PyTorch's result (every padding zero written again),
-    and a result must not change when the next call reuses the buffers."""
+    """The flat buffers are reused from call to call: calls that fill them with NaN, then
+    smaller padded calls, forward and backward, must give PyTorch's results (every padding
+    zero written again), and a result must not change when the next call reuses them."""
     import minunet.functional.conv as conv_module
 
     monkeypatch.setattr(conv_module, "SHIFTED_MIN_CHANNELS", 1)
     monkeypatch.setattr(conv_module, "SHIFTED_MIN_USEFUL", 0.0)
     rng = np.random.default_rng(0)
-    mf.conv2d(np.full((2, 3, 20, 20), np.nan), np.ones((4, 3, 3, 3)))
-    weight = rng.standard_normal((4, 3, 3, 3))
+    nan_x, nan_w = np.full((2, 3, 20, 20), np.nan), np.ones((4, 3, 3, 3))
+    mf.conv2d_backward(mf.conv2d(nan_x, nan_w, padding=1), nan_x, nan_w, padding=1)
     results = []
     for padding in [(2, 1), "same", "full"]:
-        x = rng.standard_normal((2, 3, 9, 7))
-        ours = mf.conv2d(x, weight, padding=padding)
-        torch_padding = {"full": 2}.get(padding, padding)
-        expected = F.conv2d(torch.from_numpy(x), torch.from_numpy(weight),
-                            padding=torch_padding).numpy()
-        np.testing.assert_allclose(ours, expected, rtol=1e-12, atol=1e-12)
-        results.append((ours, ours.copy()))
+        x, weight = rng.standard_normal((2, 3, 9, 7)), rng.standard_normal((4, 3, 3, 3))
+        out = mf.conv2d(x, weight, padding=padding)
+        grad_out = rng.standard_normal(out.shape)
+        grads = mf.conv2d_backward(grad_out, x, weight, padding=padding)
+        tx, tw = (torch.from_numpy(a).requires_grad_() for a in (x, weight))
+        torch_out = F.conv2d(tx, tw, padding={"full": 2}.get(padding, padding))
+        torch_out.backward(torch.from_numpy(grad_out))
+        for ours, theirs in zip((out, *grads[:2]), (torch_out, tx.grad, tw.grad), strict=True):
+            np.testing.assert_allclose(ours, theirs.detach().numpy(), rtol=1e-12, atol=1e-12)
+        results += [(array, array.copy()) for array in (out, *grads)]
     for kept, copy in results:
         np.testing.assert_array_equal(kept, copy)
 
