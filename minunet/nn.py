@@ -11,7 +11,7 @@ their ``forward`` (see :meth:`minunet.UNet.backward`). A layer therefore serves 
 call at a time: calling ``forward`` twice before ``backward`` overwrites the cache. And
 ``backward`` lets the cache go once it has used it, as PyTorch frees a graph's saved tensors:
 the feature maps of the layers already done are returned to memory while the backward pass
-goes on (a quarter of the peak memory of the paper's training step), and a second
+goes on (a third of the peak memory of the paper's training step), and a second
 ``backward`` needs a new ``forward`` first.
 
 All arrays are NCHW. Layers work on NumPy or CuPy arrays alike: the array library is taken
@@ -187,9 +187,12 @@ class Module:
     def _clear_cache(self) -> None:
         """Forget what forward cached (it may live on the other device)."""
 
-    def _require_cache(self, cache):
+    def _take_cache(self, cache):
+        """``cache`` (what forward kept, passed in by backward), forgotten by the layer: the
+        caller holds the last reference, and the memory goes when its backward is done."""
         if cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        self._clear_cache()
         return cache
 
 
@@ -238,8 +241,7 @@ class _ConvolutionLayer(Module):
         return self._kernel(x, self.weight.data, None if self.bias is None else self.bias.data)
 
     def backward(self, grad_out):
-        x = self._require_cache(self._x)
-        self._clear_cache()
+        x = self._take_cache(self._x)
         grad_x, grad_w, grad_b = self._kernel_backward(grad_out, x, self.weight.data)
         self.weight.grad += grad_w
         if self.bias is not None:
@@ -342,8 +344,8 @@ class MaxPool2d(Module):
         return out
 
     def backward(self, grad_out):
-        x, winners = self._require_cache(self._x), self._winners
-        self._clear_cache()
+        winners = self._winners
+        x = self._take_cache(self._x)
         return F.max_pool2d_backward(grad_out, x, self.kernel_size, self.stride, indices=winners)
 
     def output_shape(self, input_shape):
@@ -373,9 +375,7 @@ class ReLU(Module):
         return self._y
 
     def backward(self, grad_out):
-        y = self._require_cache(self._y)
-        self._clear_cache()
-        return F.relu_backward(grad_out, y)
+        return F.relu_backward(grad_out, self._take_cache(self._y))
 
     def _clear_cache(self):
         self._y = None
@@ -482,8 +482,7 @@ class BatchNorm2d(Module):
         return x_hat * self._per_channel(self.weight.data) + self._per_channel(self.bias.data)
 
     def backward(self, grad_out):
-        x_hat, inv_std, batch_statistics = self._require_cache(self._cache)
-        self._clear_cache()
+        x_hat, inv_std, batch_statistics = self._take_cache(self._cache)
         self.weight.grad += (grad_out * x_hat).sum(axis=(0, 2, 3))
         self.bias.grad += grad_out.sum(axis=(0, 2, 3))
         scale = self._per_channel(self.weight.data * inv_std)
@@ -536,8 +535,7 @@ class CropConcat(Module):
         return xp.concatenate([skip[:, :, rows, cols], up], axis=1)
 
     def backward(self, grad_out):
-        skip_shape, skip_dtype = self._require_cache(self._cache)
-        self._clear_cache()
+        skip_shape, skip_dtype = self._take_cache(self._cache)
         xp = get_array_module(grad_out)
         skip_channels = skip_shape[1]
         rows, cols = self.crop_window(skip_shape[2:], grad_out.shape[2:])

@@ -127,9 +127,9 @@ SHIFTED_MIN_CHANNELS = 8
 SHIFTED_MIN_USEFUL = 0.7
 # The shifted products' two flat arrays (the padded input and the padded output) are scratch,
 # and the largest are as large as a feature map. Fresh memory is not free: the operating
-# system finds and zeroes every new page, a tenth of the paper network's training step. So
-# each thread keeps its two buffers from call to call, each up to this size (larger ones
-# are allocated and dropped each time): a bounded amount, held per thread.
+# system finds and zeroes every new page, 5-10 % of the time of the paper network's largest
+# layers. So each thread keeps its two buffers from call to call, each up to this size
+# (larger ones are allocated and dropped each time): a bounded amount, held per thread.
 SCRATCH_MAX_BYTES = 128 * 2**20
 _scratch = threading.local()
 
