@@ -200,10 +200,12 @@ def time_with(replacements, step):
 
 def peak_memory_mb(step) -> float:
     """The most memory the arrays allocated by one call of ``step`` held at once, in MiB
-    (NumPy reports its allocations to tracemalloc; PyTorch's are not counted)."""
+    (NumPy reports its allocations to tracemalloc; PyTorch's are not counted). Measured with
+    fresh flat arrays in the shifted products, so that the buffers they otherwise keep from
+    an earlier call count too."""
     tracemalloc.start()
     try:
-        step()
+        time_with(FRESH_SCRATCH, step)()
         return tracemalloc.get_traced_memory()[1] / 2**20
     finally:
         tracemalloc.stop()
