@@ -442,6 +442,9 @@ def test_shifted_products_match_torch(seed, block_columns, backend, monkeypatch)
     monkeypatch.setattr(conv_module, "SHIFTED_MIN_CHANNELS", 1)
     monkeypatch.setattr(conv_module, "SHIFTED_MIN_USEFUL", 0.0)
     monkeypatch.setattr(conv_module, "SHIFTED_BLOCK_COLUMNS", (block_columns, block_columns))
+    # The taps and the weight gradient are transposed tile by tile: ragged tiles here.
+    monkeypatch.setattr(conv_module, "TRANSPOSE_TILE_BYTES", 5 * 8)
+    monkeypatch.setattr(conv_module, "TRANSPOSE_TILE_COLUMNS", 3)
     if backend == "numpy":
         monkeypatch.setattr(blas_module, "_GEMM", {})
     calls = []
@@ -458,6 +461,22 @@ def test_shifted_products_match_torch(seed, block_columns, backend, monkeypatch)
     check_against_torch(*FAST, np.float64, x, weight, bias, kwargs, torch_out, grad_out, grads)
     backward_too = weight.shape[0] >= weight.shape[1] and _carries_back(weight, kwargs)
     assert len(calls) == 1 + backward_too
+
+
+@pytest.mark.parametrize(("tile_bytes", "tile_columns"), [(1, 1), (40, 3), (2**17, 1024)])
+def test_transposed_copy_goes_tile_by_tile(tile_bytes, tile_columns, monkeypatch):
+    """_transposed copies ``matrix.T`` in tiles; ragged tiles at both edges, tiles of one
+    element and a single tile must all give NumPy's transpose exactly."""
+    import minunet.functional.conv as conv_module
+
+    monkeypatch.setattr(conv_module, "TRANSPOSE_TILE_BYTES", tile_bytes)
+    monkeypatch.setattr(conv_module, "TRANSPOSE_TILE_COLUMNS", tile_columns)
+    rng = np.random.default_rng(1)
+    for shape in [(1, 1), (7, 5), (37, 9), (300, 130), (4, 2000)]:
+        matrix = rng.standard_normal(shape).astype(np.float32)
+        transposed = conv_module._transposed(matrix)
+        assert transposed.flags.c_contiguous
+        np.testing.assert_array_equal(transposed, matrix.T)
 
 
 def test_shifted_products_ignore_what_their_scratch_held(monkeypatch):

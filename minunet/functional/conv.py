@@ -132,6 +132,9 @@ SHIFTED_MIN_USEFUL = 0.7
 # (larger ones are allocated and dropped each time): a bounded amount, held per thread.
 SCRATCH_MAX_BYTES = 128 * 2**20
 _scratch = threading.local()
+# The tiles of _transposed: about this many bytes, read across while they are in cache.
+TRANSPOSE_TILE_BYTES = 128 * 2**10
+TRANSPOSE_TILE_COLUMNS = 1024
 
 
 def _scratch_array(name: str, shape, dtype):
@@ -146,6 +149,42 @@ def _scratch_array(name: str, shape, dtype):
         buffer = np.empty(size, dtype)
         setattr(_scratch, name, buffer)
     return buffer[:size].reshape(shape)
+
+
+def _transposed(matrix):
+    """``matrix.T`` (2-D) as a new C-contiguous array, copied one tile at a time.
+
+    A plain copy of a transposed view reads the source a whole row apart for every element
+    it writes; a tile of TRANSPOSE_TILE_BYTES (at most TRANSPOSE_TILE_COLUMNS wide) stays in
+    cache while it is read across. Measured on weight-sized matrices: (4608, 512)
+    16.7 -> 1.8 ms, (9216, 1024) 71 -> 10 ms, (262144, 9) 3.2 -> 1.0 ms.
+    """
+    rows, cols = matrix.shape
+    out = np.empty((cols, rows), matrix.dtype)
+    tile_cols = max(1, min(cols, TRANSPOSE_TILE_COLUMNS))
+    tile_rows = max(1, TRANSPOSE_TILE_BYTES // (tile_cols * matrix.itemsize))
+    for row in range(0, rows, tile_rows):
+        for col in range(0, cols, tile_cols):
+            out[col : col + tile_cols, row : row + tile_rows] = (
+                matrix[row : row + tile_rows, col : col + tile_cols].T
+            )
+    return out
+
+
+def _taps(weight):
+    """(C_out, C_in, kH, kW) -> (kH*kW, C_out, C_in): one contiguous matrix per tap."""
+    c_out, c_in, kh, kw = weight.shape
+    return _transposed(weight.reshape(c_out * c_in, kh * kw)).reshape(kh * kw, c_out, c_in)
+
+
+def _flipped_taps(weight):
+    """(C_out, C_in, kH, kW) -> (kH*kW, C_in, C_out): the taps of the convolution that
+    carries grad_out back onto the input (stride 1), whose kernel is ``weight``'s turned by
+    180 degrees with input and output channels exchanged: tap ``a*kW + b`` is
+    ``weight[:, :, kH-1-a, kW-1-b].T``."""
+    c_out, c_in, kh, kw = weight.shape
+    by_input = _transposed(weight.reshape(c_out, c_in * kh * kw)).reshape(c_in, kh * kw, c_out)
+    return np.ascontiguousarray(by_input[:, ::-1].swapaxes(0, 1))
 
 
 def _is_pointwise(geometry: ConvGeometry) -> bool:
@@ -220,7 +259,7 @@ def _shifted_products_pay(x, geometry: ConvGeometry) -> bool:
             and useful >= SHIFTED_MIN_USEFUL)
 
 
-def _correlate_by_shifted_products(x, weight, geometry: ConvGeometry):
+def _correlate_by_shifted_products(x, taps, geometry: ConvGeometry):
     """A stride-1 convolution as kH*kW shifted products over the flattened padded input.
 
     Lay the padded images side by side, channel by channel, and flatten them:
@@ -234,13 +273,14 @@ def _correlate_by_shifted_products(x, weight, geometry: ConvGeometry):
 
     every term reads a *window* of x_flat, and BLAS adds it straight onto the sum
     (:func:`~minunet.functional.blas.gemm`): no column matrix, no temporary. The sum runs
-    over blocks of columns so that the block's partial sums stay in cache.
+    over blocks of columns so that the block's partial sums stay in cache. ``taps``
+    (kH*kW, C_out, C_in) holds ``weight[:, :, a, b]`` at ``a*kW + b`` (:func:`_taps`).
     """
     (kh, kw), (dh, dw) = geometry.kernel_size, geometry.dilation
     (h_out, w_out), (h_pad, w_pad) = geometry.out_hw, geometry.padded_hw
     (top, _), (left, _) = geometry.padding
     batch, c_in, h, w = x.shape
-    c_out = weight.shape[0]
+    c_out = taps.shape[1]
     shifts = [a * dh * w_pad + b * dw for a in range(kh) for b in range(kw)]
     length = batch * h_pad * w_pad
     x_flat = _scratch_array("shifted_input", (c_in, length + shifts[-1]), x.dtype)
@@ -251,7 +291,6 @@ def _correlate_by_shifted_products(x, weight, geometry: ConvGeometry):
     x_images[:, :, top : top + h, :left] = 0
     x_images[:, :, top : top + h, left + w :] = 0
     x_images[:, :, top : top + h, left : left + w] = x.transpose(1, 0, 2, 3)
-    taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1)).reshape(kh * kw, c_out, c_in)
     out_flat = _scratch_array("shifted_output", (c_out, length), x.dtype)
     fewest, most = SHIFTED_BLOCK_COLUMNS
     block = min(most, max(fewest, SHIFTED_BLOCK_BYTES // (c_out * x.dtype.itemsize)))
@@ -275,7 +314,7 @@ def _weight_gradient(grad_out, x, geometry: ConvGeometry):
     transposed = np.zeros((x.shape[1] * math.prod(geometry.kernel_size), c_out), x.dtype)
     for images, rows, cols in _column_blocks(x, geometry):
         gemm(cols, _as_columns(grad_out[images, :, rows]).T, transposed, accumulate=True)
-    return transposed.T.reshape(c_out, x.shape[1], *geometry.kernel_size)
+    return _transposed(transposed).reshape(c_out, x.shape[1], *geometry.kernel_size)
 
 
 def _input_gradient(grad_out, weight, geometry: ConvGeometry):
@@ -381,7 +420,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1):
     """
     geometry = conv2d_arguments(x, weight, bias, stride, padding, dilation)
     if _shifted_products_pay(x, geometry):
-        out = _correlate_by_shifted_products(x, weight, geometry)
+        out = _correlate_by_shifted_products(x, _taps(weight), geometry)
     else:
         out = _correlate(x, weight, geometry)
     if bias is not None:
@@ -408,8 +447,7 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1):
         # At least as many output as input channels: grad_out reaches the input grid by
         # shifted products (the flipped kernel's convolution), and the weight gradient uses
         # the columns of x, the smaller ones.
-        grad_x = _correlate_by_shifted_products(grad_out, _flipped_transpose(weight),
-                                                carried_back)
+        grad_x = _correlate_by_shifted_products(grad_out, _flipped_taps(weight), carried_back)
         grad_weight = _weight_gradient(grad_out, x, geometry)
     elif carried_back is not None and c_out <= 2 * c_in:
         # One im2col of grad_out serves both products, each with K = C_out*kH*kW.
