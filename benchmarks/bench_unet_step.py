@@ -91,8 +91,9 @@ CASES = [
 # switch off the optimisations not yet added.
 NO_SHIFTED_PRODUCTS = {(conv_kernels, "_shifted_products_pay"): lambda x, geometry: False}
 NUMPY_GEMM = {(blas, "_GEMM"): {}}  # each product to a temporary, then added
-BRANCHING_RELU_GRADIENT = {(minunet.functional, "relu_backward"):
-                           lambda grad_out, x: np.where(x > 0, grad_out, 0).astype(grad_out.dtype)}
+BRANCHING_RELU_GRADIENT = {
+    (minunet.functional, "relu_backward"):
+    lambda grad_out, x, out=None: np.where(x > 0, grad_out, 0).astype(grad_out.dtype)}
 # every layer keeps what forward cached until the next forward (the caches freed in backward
 # are the last rung)
 CACHES_KEPT = {(layer, "_clear_cache"): lambda self: None

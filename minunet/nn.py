@@ -374,8 +374,10 @@ class ReLU(Module):
         self._y = F.relu(x, out=x if self.inplace else None)
         return self._y
 
-    def backward(self, grad_out):
-        return F.relu_backward(grad_out, self._take_cache(self._y))
+    def backward(self, grad_out, out=None):
+        """dL/dx in a new array, or in ``out``: ``grad_out`` itself where the caller has no
+        further use for it (as :class:`DoubleConv` with the gradients it makes itself)."""
+        return F.relu_backward(grad_out, self._take_cache(self._y), out=out)
 
     def _clear_cache(self):
         self._y = None
@@ -582,9 +584,15 @@ class DoubleConv(Module):
         return x
 
     def backward(self, grad_out):
-        # Reverse order: relu2, [bn2], conv2, relu1, [bn1], conv1.
-        for _, layer in reversed(self.layers()):
-            grad_out = layer.backward(grad_out)
+        # Reverse order: relu2, [bn2], conv2, relu1, [bn1], conv1. After the first layer every
+        # gradient is a fresh array of this block's own that nothing else holds, so the ReLU
+        # writes its result over it instead of into a new array; the caller's grad_out is
+        # left as it was.
+        for index, (_, layer) in enumerate(reversed(self.layers())):
+            if index > 0 and isinstance(layer, ReLU):
+                grad_out = layer.backward(grad_out, out=grad_out)
+            else:
+                grad_out = layer.backward(grad_out)
         return grad_out
 
     def output_shape(self, input_shape):

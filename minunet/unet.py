@@ -279,8 +279,8 @@ class UNet(Module):
         # branches, the max-pool and the skip connection, so dL/de_l is the SUM of the
         # gradient returning through the pool and the one returning through the crop.
         for level in reversed(range(self.depth - 1)):
-            grad_through_pool = self.pool[level].backward(grad)
-            grad_e = grad_through_pool + grad_skips[level]
+            grad_e = self.pool[level].backward(grad)  # a fresh array: the sum goes into it
+            grad_e += grad_skips[level]
             grad = self.encoder[level].backward(grad_e)  # dL/d(input of level l)
         return grad
 

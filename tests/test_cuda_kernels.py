@@ -255,8 +255,13 @@ def test_relu_in_place_and_special_values_as_torch(device, dtype, rng):
     assert ops.relu(on_device, out=on_device) is on_device
     np.testing.assert_array_equal(to_numpy(on_device), y_t.detach().numpy())
     np.testing.assert_array_equal(device("relu_backward", grad_out, x), x_t.grad.numpy())
+    grad_on_device = device.put(grad_out.copy())
+    assert ops.relu_backward(grad_on_device, device.put(x), out=grad_on_device) is grad_on_device
+    np.testing.assert_array_equal(to_numpy(grad_on_device), x_t.grad.numpy())
     with pytest.raises(ValueError, match="out"):
         ops.relu(device.put(x), out=device.put(x[:1]))
+    with pytest.raises(ValueError, match="out"):
+        ops.relu_backward(device.put(grad_out), device.put(x), out=device.put(x[:1]))
 
 
 @pytest.mark.parametrize("weighted", [False, True])

@@ -77,6 +77,53 @@ def test_relu_layer(rng, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_relu_layer_backward_into_its_upstream_gradient(rng, device):
+    """``backward(g, out=g)`` writes dL/dx over ``g`` (what DoubleConv does with the
+    gradients it makes); the result is PyTorch's."""
+    x = to_device(rng.standard_normal((2, 3, 4, 5)), device)
+    layer = nn.ReLU()
+    layer.forward(x)
+    grad_out = to_device(rng.standard_normal((2, 3, 4, 5)), device)
+    _, (expected,) = _autograd(TF.relu, x, grad_out=grad_out)
+    assert layer.backward(grad_out, out=grad_out) is grad_out
+    assert_close_to(grad_out, expected, 0, what="grad x")
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_double_conv_matches_torch_and_keeps_the_callers_gradient(rng, batch_norm):
+    """DoubleConv's backward overwrites only gradients it made itself: the caller's
+    ``grad_out`` is unchanged afterwards, and every gradient is PyTorch's."""
+    block = nn.DoubleConv(2, 3, padding="same", batch_norm=batch_norm, dtype="float64",
+                          seed=0)
+    params = {name: torch.tensor(p.data, requires_grad=True)
+              for name, p in block.named_parameters()}
+
+    def torch_block(x):
+        for conv, norm in (("conv1", "bn1"), ("conv2", "bn2")):
+            x = TF.conv2d(x, params[f"{conv}.weight"], params[f"{conv}.bias"], padding=1)
+            if batch_norm:
+                x = TF.batch_norm(x, None, None, params[f"{norm}.weight"],
+                                  params[f"{norm}.bias"], training=True)
+            x = TF.relu(x)
+        return x
+
+    x = rng.standard_normal((2, 2, 7, 6))
+    out = block.forward(x)
+    grad_out = rng.standard_normal(out.shape)
+    callers_copy = grad_out.copy()
+    grad_x = block.backward(grad_out)
+    np.testing.assert_array_equal(grad_out, callers_copy)
+    expected, (expected_grad_x,) = _autograd(torch_block, x, grad_out=grad_out)
+    assert_close_to(out, expected, 1e-10, what="output")
+    assert_close_to(grad_x, expected_grad_x, 1e-10, what="grad x")
+    for name, p in block.named_parameters():
+        # With BatchNorm the convolutions' bias gradients are zero up to rounding (the
+        # normalisation subtracts any constant): measure them by their weight's gradient.
+        scale = np.abs(params[name.replace("bias", "weight")].grad.numpy()).max()
+        assert_close_to(p.grad, params[name].grad.numpy(), 1e-10, scale, what=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False])
 def test_batch_norm_layer(rng, device, training):
     layer = nn.BatchNorm2d(3, momentum=0.3, dtype="float64").to(device)

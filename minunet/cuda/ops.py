@@ -487,13 +487,20 @@ def relu(x, out=None):
     return _relu_forward(gpu_runner(), x, out)
 
 
-def relu_backward(grad_out, x):
-    """Gradient of :func:`relu`: ``grad_out`` where ``x > 0``, else 0 (also at 0)."""
+def relu_backward(grad_out, x, out=None):
+    """Gradient of :func:`relu`: ``grad_out`` where ``x > 0``, else 0 (also at 0), in a new
+    array or in ``out`` (a contiguous array of ``x``'s shape and dtype; ``grad_out`` itself
+    when the caller has no further use for it: each thread reads its element before it
+    writes it)."""
     _check_float("x", x)
     _check_like("x", x, grad_out=grad_out)
     _check_size(x)
+    if out is not None:
+        _check_like("out", x, out=out)
+        if not out.flags.c_contiguous:
+            raise ValueError("out must be a contiguous array")
     run = gpu_runner()
-    grad_x = run.empty(x.shape, x.dtype)
+    grad_x = run.empty(x.shape, x.dtype) if out is None else out
     _launch_1d(run.kernel("elementwise.cu", "relu_backward", x.dtype), x.size,
                (run.contiguous(grad_out), run.contiguous(x), grad_x, _int(x.size, "size")))
     return grad_x

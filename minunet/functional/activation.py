@@ -23,17 +23,28 @@ def relu(x, out=None):
 
 
 @dispatch_on_array_type
-def relu_backward(grad_out, x):
+def relu_backward(grad_out, x, out=None):
     """``grad_out`` where ``x > 0``, else 0 (the derivative at 0 is taken as 0, and a NaN
     in ``x`` lets the gradient through, both as in PyTorch). ``x`` may be the ReLU's input
     or its output: both are positive at the same places, so a layer can keep the output it
-    has anyway instead of a mask."""
-    # Exactly np.where(x <= 0, 0, grad_out), five times faster: AND-ing every bit of
-    # grad_out with all zeros (x <= 0) or all ones (else) has no data-dependent branch.
+    has anyway instead of a mask.
+
+    Returns a new array, or ``out`` (``grad_out``'s shape and dtype): ``grad_out`` itself
+    when the caller has no further use for it, which saves allocating a fresh array (for
+    the paper's largest maps, 83 MB of new pages that the system must zero first).
+    """
     grad_out = np.asarray(grad_out)
+    if out is not None and (out.shape != grad_out.shape or out.dtype != grad_out.dtype):
+        raise ValueError(f"out must have grad_out's shape {tuple(grad_out.shape)} and dtype "
+                         f"{grad_out.dtype}, got {tuple(out.shape)} and {out.dtype}")
+    if out is None:
+        out = np.empty_like(grad_out)
+    # Exactly np.where(x <= 0, 0, grad_out), and twice as fast: the gradient's bits read as
+    # integers, times 1 (keep) or 0. Integer arithmetic leaves the kept bits untouched and
+    # makes the rest +0.0 even where the gradient is infinite or NaN (a float product would
+    # make NaN there). "Keep" is "not x <= 0", so that a NaN in x keeps its gradient.
+    keep = np.less_equal(x, 0)
+    np.logical_not(keep, out=keep)
     bits = np.dtype(f"i{grad_out.dtype.itemsize}")
-    mask = np.empty(grad_out.shape, dtype=bits)
-    np.less_equal(x, 0, out=mask)  # straight into integers: no boolean array to convert
-    np.subtract(mask, 1, out=mask)  # 1 -> 0, 0 -> -1 (all bits set)
-    np.bitwise_and(mask, grad_out.view(bits), out=mask)
-    return mask.view(grad_out.dtype)
+    np.multiply(grad_out.view(bits), keep, out=out.view(bits))
+    return out
