@@ -463,6 +463,35 @@ def test_shifted_products_match_torch(seed, block_columns, backend, monkeypatch)
     assert len(calls) == 1 + backward_too
 
 
+@pytest.mark.parametrize("block_columns", [7, 4096])
+@pytest.mark.parametrize(("kernel", "dilation"), [((3, 3), (1, 1)), ((2, 3), (2, 1))])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_one_unpadded_image_is_read_in_place(block_columns, kernel, dilation, contiguous,
+                                             monkeypatch):
+    """One image, no padding: the shifted products read the image itself and stop at the
+    last valid output (its last tap is the image's last pixel). Forward with bias, and a
+    view of a larger array, against PyTorch."""
+    import minunet.functional.conv as conv_module
+
+    monkeypatch.setattr(conv_module, "SHIFTED_MIN_CHANNELS", 1)
+    monkeypatch.setattr(conv_module, "SHIFTED_MIN_USEFUL", 0.0)
+    monkeypatch.setattr(conv_module, "SHIFTED_BLOCK_COLUMNS", (block_columns, block_columns))
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((1, 6, 13, 11))
+    if not contiguous:
+        x = rng.standard_normal((2, 12, 13, 11))[1:, ::2]
+    weight, bias = rng.standard_normal((5, 6, *kernel)), rng.standard_normal(5)
+    calls = []
+    shifted = conv_module._correlate_by_shifted_products
+    monkeypatch.setattr(conv_module, "_correlate_by_shifted_products",
+                        lambda *args: calls.append(args[0].shape) or shifted(*args))
+    ours = mf.conv2d(x, weight, bias, dilation=dilation)
+    theirs = F.conv2d(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (x, weight, bias)),
+                      dilation=dilation).numpy()
+    assert calls == [x.shape]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(("tile_bytes", "tile_columns"), [(1, 1), (40, 3), (2**17, 1024)])
 def test_transposed_copy_goes_tile_by_tile(tile_bytes, tile_columns, monkeypatch):
     """_transposed copies ``matrix.T`` in tiles; ragged tiles at both edges, tiles of one

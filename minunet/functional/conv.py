@@ -259,7 +259,7 @@ def _shifted_products_pay(x, geometry: ConvGeometry) -> bool:
             and useful >= SHIFTED_MIN_USEFUL)
 
 
-def _correlate_by_shifted_products(x, taps, geometry: ConvGeometry):
+def _correlate_by_shifted_products(x, taps, geometry: ConvGeometry, bias=None):
     """A stride-1 convolution as kH*kW shifted products over the flattened padded input.
 
     Lay the padded images side by side, channel by channel, and flatten them:
@@ -273,8 +273,13 @@ def _correlate_by_shifted_products(x, taps, geometry: ConvGeometry):
 
     every term reads a *window* of x_flat, and BLAS adds it straight onto the sum
     (:func:`~minunet.functional.blas.gemm`): no column matrix, no temporary. The sum runs
-    over blocks of columns so that the block's partial sums stay in cache. ``taps``
+    over blocks of columns so that the block's partial sums stay in cache; the bias, where
+    there is one, is added while the valid outputs are copied out (no pass of its own). ``taps``
     (kH*kW, C_out, C_in) holds ``weight[:, :, a, b]`` at ``a*kW + b`` (:func:`_taps`).
+
+    One unpadded image (the paper's valid convolutions, batch 1) already *is* x_flat:
+    stopping at the last valid output, whose last tap reads the image's last pixel, no
+    window runs past it, and the products read ``x`` itself instead of a copy.
     """
     (kh, kw), (dh, dw) = geometry.kernel_size, geometry.dilation
     (h_out, w_out), (h_pad, w_pad) = geometry.out_hw, geometry.padded_hw
@@ -282,16 +287,21 @@ def _correlate_by_shifted_products(x, taps, geometry: ConvGeometry):
     batch, c_in, h, w = x.shape
     c_out = taps.shape[1]
     shifts = [a * dh * w_pad + b * dw for a in range(kh) for b in range(kw)]
-    length = batch * h_pad * w_pad
-    x_flat = _scratch_array("shifted_input", (c_in, length + shifts[-1]), x.dtype)
-    x_flat[:, length:] = 0  # the last tap's window runs shifts[-1] columns past the last image
-    x_images = x_flat[:, :length].reshape(c_in, batch, h_pad, w_pad)
-    x_images[:, :, :top] = 0  # the padding: zeros around each image
-    x_images[:, :, top + h :] = 0
-    x_images[:, :, top : top + h, :left] = 0
-    x_images[:, :, top : top + h, left + w :] = 0
-    x_images[:, :, top : top + h, left : left + w] = x.transpose(1, 0, 2, 3)
-    out_flat = _scratch_array("shifted_output", (c_out, length), x.dtype)
+    positions = batch * h_pad * w_pad
+    if batch == 1 and (h_pad, w_pad) == (h, w):
+        x_flat = x.reshape(c_in, h * w)  # a view when x is contiguous
+        length = (h_out - 1) * w_pad + w_out  # flat positions beyond are junk, never read
+    else:
+        length = positions
+        x_flat = _scratch_array("shifted_input", (c_in, length + shifts[-1]), x.dtype)
+        x_flat[:, length:] = 0  # the last tap's window runs shifts[-1] past the last image
+        x_images = x_flat[:, :length].reshape(c_in, batch, h_pad, w_pad)
+        x_images[:, :, :top] = 0  # the padding: zeros around each image
+        x_images[:, :, top + h :] = 0
+        x_images[:, :, top : top + h, :left] = 0
+        x_images[:, :, top : top + h, left + w :] = 0
+        x_images[:, :, top : top + h, left : left + w] = x.transpose(1, 0, 2, 3)
+    out_flat = _scratch_array("shifted_output", (c_out, positions), x.dtype)
     fewest, most = SHIFTED_BLOCK_COLUMNS
     block = min(most, max(fewest, SHIFTED_BLOCK_BYTES // (c_out * x.dtype.itemsize)))
     for start in range(0, length, block):
@@ -300,7 +310,11 @@ def _correlate_by_shifted_products(x, taps, geometry: ConvGeometry):
             gemm(taps[index], x_flat[:, start + shift : stop + shift], out_flat[:, start:stop],
                  accumulate=index > 0)
     out = np.empty((batch, c_out, h_out, w_out), dtype=x.dtype)  # never the scratch itself
-    out[...] = out_flat.reshape(c_out, batch, h_pad, w_pad)[:, :, :h_out, :w_out].swapaxes(0, 1)
+    valid = out_flat.reshape(c_out, batch, h_pad, w_pad)[:, :, :h_out, :w_out].swapaxes(0, 1)
+    if bias is None:
+        out[...] = valid
+    else:  # the copy out of the flat layout adds the bias on the way
+        np.add(valid, bias[:, None, None], out=out)
     return out
 
 
@@ -420,9 +434,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1):
     """
     geometry = conv2d_arguments(x, weight, bias, stride, padding, dilation)
     if _shifted_products_pay(x, geometry):
-        out = _correlate_by_shifted_products(x, _taps(weight), geometry)
-    else:
-        out = _correlate(x, weight, geometry)
+        return _correlate_by_shifted_products(x, _taps(weight), geometry, bias)
+    out = _correlate(x, weight, geometry)
     if bias is not None:
         out += bias[:, None, None]
     return out
