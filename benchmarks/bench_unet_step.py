@@ -115,7 +115,7 @@ LADDER = [
      {**BRANCHING_RELU_GRADIENT, **LATER}),
     ("+ a branch-free ReLU gradient", LATER),
     ("+ backward frees each layer's cache once used", FRESH_SCRATCH),
-    ("+ shifted products reuse their flat arrays", {}),
+    ("+ fewer passes over memory (reused flat arrays, gradients in place)", {}),
 ]
 
 
