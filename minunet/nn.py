@@ -583,13 +583,16 @@ class DoubleConv(Module):
             x = layer.forward(x)
         return x
 
-    def backward(self, grad_out):
+    def backward(self, grad_out, overwrite: bool = False):
+        """dL/dx of the block. ``overwrite=True`` says the caller has no further use for
+        ``grad_out`` (the U-Net passes gradients it made itself), so the block may write
+        over it; by default the caller's array is left as it was."""
         # Reverse order: relu2, [bn2], conv2, relu1, [bn1], conv1. After the first layer every
-        # gradient is a fresh array of this block's own that nothing else holds, so the ReLU
-        # writes its result over it instead of into a new array; the caller's grad_out is
-        # left as it was.
+        # gradient is a fresh array of this block's own that nothing else holds, so a ReLU
+        # writes its result over it instead of into a new array.
         for index, (_, layer) in enumerate(reversed(self.layers())):
-            if index > 0 and isinstance(layer, ReLU):
+            writable = (index > 0 or overwrite) and grad_out.flags.c_contiguous  # (GPU kernel)
+            if isinstance(layer, ReLU) and writable:
                 grad_out = layer.backward(grad_out, out=grad_out)
             else:
                 grad_out = layer.backward(grad_out)

@@ -265,7 +265,9 @@ class UNet(Module):
         # forward did:  up = upconv(h_below);  cat = [crop(skip), up];  h = decoder(cat)
         grad_skips = [None] * (self.depth - 1)
         for level in range(self.depth - 1):
-            grad_cat = self.decoder[level].backward(grad)  # dL/d(concatenation)
+            # Every gradient handed on below is an array made here for the next layer
+            # alone, so a block may write over it (overwrite=True).
+            grad_cat = self.decoder[level].backward(grad, overwrite=True)  # dL/d(concat.)
             # The concatenation splits the gradient: its first channels go back into the
             # cropped skip (zero outside the crop window), the rest into the up-convolution.
             grad_skips[level], grad_up = self.crop_concat[level].backward(grad_cat)
@@ -273,7 +275,7 @@ class UNet(Module):
 
         # Bottom of the U: h = dropout(encoder[-1](h_pooled)).
         grad = self.dropout.backward(grad)
-        grad = self.encoder[-1].backward(grad)  # dL/d(pooled map of level depth-2)
+        grad = self.encoder[-1].backward(grad, overwrite=True)  # dL/d(pooled map, depth-2)
 
         # Contracting path, from the bottom up. The output e_l of encoder[l] fed two
         # branches, the max-pool and the skip connection, so dL/de_l is the SUM of the
@@ -281,7 +283,7 @@ class UNet(Module):
         for level in reversed(range(self.depth - 1)):
             grad_e = self.pool[level].backward(grad)  # a fresh array: the sum goes into it
             grad_e += grad_skips[level]
-            grad = self.encoder[level].backward(grad_e)  # dL/d(input of level l)
+            grad = self.encoder[level].backward(grad_e, overwrite=True)  # dL/d(input of l)
         return grad
 
     # --- summary ---------------------------------------------------------------------------

@@ -89,10 +89,11 @@ def test_relu_layer_backward_into_its_upstream_gradient(rng, device):
     assert_close_to(grad_out, expected, 0, what="grad x")
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
 @pytest.mark.parametrize("batch_norm", [False, True])
-def test_double_conv_matches_torch_and_keeps_the_callers_gradient(rng, batch_norm):
-    """DoubleConv's backward overwrites only gradients it made itself: the caller's
-    ``grad_out`` is unchanged afterwards, and every gradient is PyTorch's."""
+def test_double_conv_matches_torch_and_keeps_the_callers_gradient(rng, batch_norm, overwrite):
+    """DoubleConv's backward overwrites only gradients it made itself, unless the caller
+    hands its ``grad_out`` over (``overwrite=True``); every gradient is PyTorch's."""
     block = nn.DoubleConv(2, 3, padding="same", batch_norm=batch_norm, dtype="float64",
                           seed=0)
     params = {name: torch.tensor(p.data, requires_grad=True)
@@ -111,9 +112,9 @@ def test_double_conv_matches_torch_and_keeps_the_callers_gradient(rng, batch_nor
     out = block.forward(x)
     grad_out = rng.standard_normal(out.shape)
     callers_copy = grad_out.copy()
-    grad_x = block.backward(grad_out)
-    np.testing.assert_array_equal(grad_out, callers_copy)
-    expected, (expected_grad_x,) = _autograd(torch_block, x, grad_out=grad_out)
+    grad_x = block.backward(grad_out, overwrite=overwrite)
+    assert np.array_equal(grad_out, callers_copy) != overwrite  # handed over: written over
+    expected, (expected_grad_x,) = _autograd(torch_block, x, grad_out=callers_copy)
     assert_close_to(out, expected, 1e-10, what="output")
     assert_close_to(grad_x, expected_grad_x, 1e-10, what="grad x")
     for name, p in block.named_parameters():
