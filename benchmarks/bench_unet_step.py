@@ -10,7 +10,8 @@ libraries. The sizes:
 * the paper's network: depth 5, base 64, one 572x572 tile, ``padding="valid"``.
 
 The two libraries' steps alternate, and each library's median is reported with the ratio
-of the medians (the machine may be busy: alternating exposes both to the same load). Each
+of the medians (the machine may be busy: alternating exposes both to the same load); each
+timed step follows an untimed step of the same library, as in training. Each
 case also gives the convolutions' GFLOP/s next to the peak of a large float32 matrix
 product (sgemm) measured in the same process with the same threads, and ``--ladder``
 times minunet's step with its CPU optimisations added one at a time.
@@ -179,12 +180,21 @@ def torch_step(net, optimizer, x, target, weight):
 
 def alternating_times(steps, repeats, label):
     """Time the steps in turn, ``repeats`` rounds after one warm-up round (allocations,
-    first-call overheads); returns one list of times per step."""
+    first-call overheads); returns one list of times per step.
+
+    Each timed step follows an untimed step of its own, as in a training loop. A step
+    right after the *other* library's step pays for what that one left behind (worker
+    threads still spinning, memory just handed back to the system), and not equally:
+    right after the other library's step rather than its own, PyTorch's step of the
+    depth-5/base-32/4x128^2 case took 17 % longer and minunet's 5 %; on the paper's
+    network PyTorch's 2 % and minunet's 11 %.
+    """
     for step in steps:
         step()
     times = [[] for _ in steps]
     for _ in tqdm(range(repeats), desc=label, leave=False):
         for step, step_times in zip(steps, times, strict=True):
+            step()
             start = time.perf_counter()
             step()
             step_times.append(time.perf_counter() - start)
@@ -286,6 +296,8 @@ def main():
                      "backward, SGD momentum 0.99), float32, CPU",
         "command": " ".join(["python", *sys.argv]),
         "threads": threads, "repeats": ARGS.repeats, "statistic": "median",
+        "protocol": "rounds that alternate the libraries (and ladder rungs); each timed "
+                    "step right after an untimed step of its own",
         "blas": blas, "warnings": warnings, "sgemm_peak_gflops": peak,
         "load_average": {"before": load_before, "after": os.getloadavg()[0]},
         "cpu_count": os.cpu_count(),
