@@ -274,8 +274,8 @@ def _correlate_by_shifted_products(x, taps, geometry: ConvGeometry, bias=None):
     every term reads a *window* of x_flat, and BLAS adds it straight onto the sum
     (:func:`~minunet.functional.blas.gemm`): no column matrix, no temporary. The sum runs
     over blocks of columns so that the block's partial sums stay in cache; the bias, where
-    there is one, is added while the valid outputs are copied out (no pass of its own). ``taps``
-    (kH*kW, C_out, C_in) holds ``weight[:, :, a, b]`` at ``a*kW + b`` (:func:`_taps`).
+    there is one, is added while the valid outputs are copied out (no pass of its own).
+    ``taps`` (kH*kW, C_out, C_in) holds ``weight[:, :, a, b]`` at ``a*kW + b`` (:func:`_taps`).
 
     One unpadded image (the paper's valid convolutions, batch 1) already *is* x_flat:
     stopping at the last valid output, whose last tap reads the image's last pixel, no
