@@ -591,7 +591,8 @@ class DoubleConv(Module):
         # gradient is a fresh array of this block's own that nothing else holds, so a ReLU
         # writes its result over it instead of into a new array.
         for index, (_, layer) in enumerate(reversed(self.layers())):
-            writable = (index > 0 or overwrite) and grad_out.flags.c_contiguous  # (GPU kernel)
+            # ... and only contiguous ones, the only kind the GPU kernel writes into.
+            writable = (index > 0 or overwrite) and grad_out.flags.c_contiguous
             if isinstance(layer, ReLU) and writable:
                 grad_out = layer.backward(grad_out, out=grad_out)
             else:

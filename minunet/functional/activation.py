@@ -11,14 +11,19 @@ import numpy as np
 from minunet.functional._dispatch import dispatch_on_array_type
 
 
+def _check_out(out, reference_name: str, reference) -> None:
+    """An ``out`` given must have the shape and dtype of the array it stands in for."""
+    if out is not None and (out.shape != reference.shape or out.dtype != reference.dtype):
+        raise ValueError(f"out must have {reference_name}'s shape {tuple(reference.shape)} "
+                         f"and dtype {reference.dtype}, got {tuple(out.shape)} and {out.dtype}")
+
+
 @dispatch_on_array_type
 def relu(x, out=None):
     """``max(x, 0)`` elementwise, any shape (NaN stays NaN, as in PyTorch): a new array of
     ``x``'s dtype, or ``out`` (same shape and dtype; ``x`` itself for an in-place ReLU,
     which saves an allocation and a pass over memory when nothing else needs ``x``)."""
-    if out is not None and (out.shape != x.shape or out.dtype != x.dtype):
-        raise ValueError(f"out must have x's shape {tuple(x.shape)} and dtype {x.dtype}, "
-                         f"got {tuple(out.shape)} and {out.dtype}")
+    _check_out(out, "x", x)
     return np.maximum(x, 0, out=out)
 
 
@@ -34,9 +39,7 @@ def relu_backward(grad_out, x, out=None):
     the paper's largest maps, 83 MB of new pages that the system must zero first).
     """
     grad_out = np.asarray(grad_out)
-    if out is not None and (out.shape != grad_out.shape or out.dtype != grad_out.dtype):
-        raise ValueError(f"out must have grad_out's shape {tuple(grad_out.shape)} and dtype "
-                         f"{grad_out.dtype}, got {tuple(out.shape)} and {out.dtype}")
+    _check_out(out, "grad_out", grad_out)
     if out is None:
         out = np.empty_like(grad_out)
     # Exactly np.where(x <= 0, 0, grad_out), without its per-element branch: the gradient's
