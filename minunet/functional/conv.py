@@ -178,13 +178,15 @@ def _taps(weight):
 
 
 def _flipped_taps(weight):
-    """(C_out, C_in, kH, kW) -> (kH*kW, C_in, C_out): the taps of the convolution that
-    carries grad_out back onto the input (stride 1), whose kernel is ``weight``'s turned by
-    180 degrees with input and output channels exchanged: tap ``a*kW + b`` is
-    ``weight[:, :, kH-1-a, kW-1-b].T``."""
-    c_out, c_in, kh, kw = weight.shape
-    by_input = _transposed(weight.reshape(c_out, c_in * kh * kw)).reshape(c_in, kh * kw, c_out)
-    return np.ascontiguousarray(by_input[:, ::-1].swapaxes(0, 1))
+    """The taps of the convolution that carries grad_out back onto the input (stride 1):
+    its kernel is ``weight``'s turned by 180 degrees with input and output channels
+    exchanged, so tap ``a*kW + b`` is ``weight[:, :, kH-1-a, kW-1-b].T`` (C_in, C_out).
+
+    Turning the kernel reverses the order of the taps, and each tap is a transposed *view* of
+    :func:`_taps`, which BLAS reads as it lies: no copy beyond that of ``_taps`` (a copy of
+    the turned, transposed taps took 2.5 times as long: 30 ms for 1024x1024x3x3).
+    """
+    return _taps(weight)[::-1].transpose(0, 2, 1)
 
 
 def _is_pointwise(geometry: ConvGeometry) -> bool:
@@ -379,10 +381,16 @@ def _gradient_geometry(geometry: ConvGeometry) -> ConvGeometry | None:
     return geometry._replace(padding=padding, in_hw=geometry.out_hw, out_hw=geometry.in_hw)
 
 
-def _flipped_transpose(weight):
-    """(C_out, C_in, kH, kW) -> (C_in, C_out, kH, kW), each kernel turned by 180 degrees: the
-    weight of the convolution that carries grad_out back onto the input (stride 1)."""
-    return np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+def _flipped_rows(weight):
+    """(C_out, C_in, kH, kW) -> (C_out*kH*kW, C_in), row ``(o, a, b)`` holding
+    ``weight[o, :, kH-1-a, kW-1-b]``: the kernel turned by 180 degrees, rows in the order of
+    the gradient columns. Its transpose, a view that BLAS reads as it lies, is the matrix
+    of the convolution that carries grad_out back onto the input. Built this way round the
+    copy moves runs of C_in numbers instead of runs of kH*kW: half the time (512x512x3x3:
+    1.8 -> 0.9 ms; 1024x1024x3x3: 23 -> 11 ms)."""
+    c_out, c_in, kh, kw = weight.shape
+    by_tap = weight.reshape(c_out, c_in, kh * kw).transpose(0, 2, 1)[:, ::-1]
+    return np.ascontiguousarray(by_tap).reshape(c_out * kh * kw, c_in)
 
 
 def _gradients_from_gradient_columns(grad_out, x, weight, carried_back: ConvGeometry):
@@ -402,7 +410,7 @@ def _gradients_from_gradient_columns(grad_out, x, weight, carried_back: ConvGeom
     :func:`_gradient_geometry` of the convolution.
     """
     c_out, c_in, kh, kw = weight.shape
-    flipped_matrix_t = _flipped_transpose(weight).reshape(c_in, -1)
+    flipped_matrix_t = _flipped_rows(weight).T  # (C_in, C_out*kH*kW), a transposed view
     grad_x = np.empty_like(x)
     grad_w_flipped = np.zeros((c_out * kh * kw, c_in), dtype=x.dtype)
     for images, rows, gcols in _column_blocks(grad_out, carried_back):
