@@ -7,7 +7,10 @@ one 572x572 tile), a small one, and depth 5 with 32 base channels on a batch of 
 tiles with same padding. Each number is the median of at least ``--repeats`` runs. The table gives
 ``minunet / torch`` ratios; the results go to ``benchmarks/results/kernels_cpu.json``, with
 the OpenBLAS kernel that ran (threadpoolctl) and the GFLOP/s of a large float32 matrix
-product (sgemm), the practical peak of this machine for the convolutions.
+product (sgemm), the practical peak of this machine for the convolutions. For every
+convolution it also times the layer's three matrix products alone (``blas_ms``): the same
+multiply-adds as one BLAS call each, with no copies around them, in the fastest of the ways
+minunet can phrase them: how long NumPy's BLAS itself takes for the layer's arithmetic.
 
     python benchmarks/bench_kernels.py                       # all U-Nets
     python benchmarks/bench_kernels.py --configs small --repeats 5
@@ -33,6 +36,7 @@ from tqdm import tqdm
 import minunet
 import minunet.functional as mf
 from minunet.files import write_json
+from minunet.functional.blas import gemm
 from minunet.shapes import unet_output_size
 
 CONFIGS = {  # name: (input edge, depth, base channels, batch, padding)
@@ -101,6 +105,56 @@ def sgemm_peak_gflops(size=2048, repeats=5) -> float:
         np.matmul(a, b, out=out)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
+
+
+FLOOR_PIXELS = 2**16  # products over more pixels are timed on this many and scaled
+
+
+def product_shapes(kind, x_shape, weight_shape, padding):
+    """The three matrix products of a convolution's training step, as ``(M, K, N)`` with
+    N or K the pixels: forward, input gradient, weight gradient; each a list of the
+    alternative shapes that do the same multiply-adds."""
+    n, c_in, h, w = x_shape
+    if kind == "upconv":  # weight (C_in, C_out, kH, kW); one product per input pixel
+        taps = math.prod(weight_shape[1:])
+        pixels = n * h * w
+        return [[(taps, c_in, pixels)], [(c_in, taps, pixels)], [(c_in, pixels, taps)]]
+    c_out, _, kh, kw = weight_shape
+    if padding != "same":
+        h, w = h - kh + 1, w - kw + 1
+    pixels, k = n * h * w, c_in * kh * kw
+    return [[(c_out, k, pixels)],
+            [(k, c_out, pixels), (c_in, c_out * kh * kw, pixels)],  # col2im or flipped kernel
+            [(c_out, pixels, k), (c_out * kh * kw, pixels, c_in)]]  # plain or flipped
+
+
+def product_ms(m, k, n, repeats, rng) -> float:
+    """Milliseconds of the best of ``repeats`` products (M, K) @ (K, N) and of their
+    transposes (N, K) @ (K, M), operands and output allocated beforehand. A dimension of
+    more than FLOOR_PIXELS (the pixels) is cut to that and the time scaled up."""
+    scale = max(m, k, n) / FLOOR_PIXELS if max(m, k, n) > FLOOR_PIXELS else 1.0
+    m, k, n = (min(d, FLOOR_PIXELS) for d in (m, k, n))
+    best = float("inf")
+    for rows, inner, cols in ((m, k, n), (n, k, m)):
+        a = rng.standard_normal((rows, inner), dtype=np.float32)
+        b = rng.standard_normal((inner, cols), dtype=np.float32)
+        out = np.empty((rows, cols), dtype=np.float32)
+        gemm(a, b, out)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            gemm(a, b, out)
+            best = min(best, time.perf_counter() - start)
+    return 1e3 * best * scale
+
+
+def blas_floor_ms(kind, x_shape, weight_shape, padding, repeats, rng) -> float | None:
+    """A convolution's forward + backward as its three matrix products alone, each one BLAS
+    call (None for a max-pool). Not a strict bound: minunet's kernels may split a product
+    (the shifted products make nine), which can run faster or slower than one call."""
+    if weight_shape is None:
+        return None
+    return sum(min(product_ms(*shape, repeats, rng) for shape in alternatives)
+               for alternatives in product_shapes(kind, x_shape, weight_shape, padding))
 
 
 OURS = {
@@ -219,6 +273,8 @@ def run_config(name, repeats, rng):
             "minunet_forward_ms": ours[0], "torch_forward_ms": theirs[0],
             "minunet_backward_ms": ours[1], "torch_backward_ms": theirs[1],
             "ratio": sum(ours) / sum(theirs),
+            "blas_ms": blas_floor_ms(kind, x_shape, w_shape, kwargs.get("padding"), repeats,
+                                     rng),
         })
     return rows
 
@@ -227,19 +283,21 @@ def print_table(name, rows):
     print(f"\n{name}: {CONFIGS[name]} (input edge, depth, base channels, batch, padding), "
           "float32")
     header = (f"{'layer':<20} {'input':>18} {'fwd ms':>9} {'torch':>9} {'bwd ms':>9} "
-              f"{'torch':>9} {'ratio':>6}")
+              f"{'torch':>9} {'ratio':>6} {'blas':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
         shape = "x".join(str(v) for v in r["x_shape"][1:])
         flag = "  > 3x" if r["ratio"] > 3 else ""
+        floor = "" if r.get("blas_ms") is None else f"{r['blas_ms']:7.1f}"
         print(f"{r['layer']:<20} {shape:>18} {r['minunet_forward_ms']:9.1f} "
               f"{r['torch_forward_ms']:9.1f} {r['minunet_backward_ms']:9.1f} "
-              f"{r['torch_backward_ms']:9.1f} {r['ratio']:6.2f}{flag}")
+              f"{r['torch_backward_ms']:9.1f} {r['ratio']:6.2f} {floor:>7}{flag}")
     ours = sum(r["minunet_forward_ms"] + r["minunet_backward_ms"] for r in rows)
     theirs = sum(r["torch_forward_ms"] + r["torch_backward_ms"] for r in rows)
+    floor = sum(r["blas_ms"] for r in rows if r.get("blas_ms") is not None)
     print(f"{'all layers':<20} {'':>18} {ours:>39.1f} ms vs {theirs:.1f} ms, "
-          f"ratio {ours / theirs:.2f}")
+          f"ratio {ours / theirs:.2f}; the convolutions' products alone {floor:.1f} ms")
 
 
 
