@@ -125,11 +125,14 @@ SHIFTED_BLOCK_BYTES = 4 * 2**20
 SHIFTED_BLOCK_COLUMNS = (2048, 16384)
 SHIFTED_MIN_CHANNELS = 8
 SHIFTED_MIN_USEFUL = 0.7
-# The shifted products' two flat arrays (the padded input and the padded output) are scratch,
-# and the largest are as large as a feature map. Fresh memory is not free: the operating
-# system finds and zeroes every new page, 5-10 % of the time of the paper network's largest
-# layers. So each thread keeps its two buffers from call to call, each up to this size
-# (larger ones are allocated and dropped each time): a bounded amount, held per thread.
+# Scratch arrays: the shifted products' two flat arrays (the padded input and the padded
+# output, the largest as large as a feature map), a block's columns, and the weight gradient
+# while its blocks are summed. Fresh memory is not free: the operating system finds and
+# zeroes every new page, 5-10 % of the time of the paper network's largest layers, and a
+# product that writes into fresh pages waits for them (a 512-channel layer's backward pass
+# on 8x8 maps: 42 ms with a fresh weight gradient, 19 ms with a reused one). So each thread
+# keeps these four buffers from call to call, each up to this size (larger ones are
+# allocated and dropped each time): a bounded amount, held per thread.
 SCRATCH_MAX_BYTES = 128 * 2**20
 _scratch = threading.local()
 # The tiles of _transposed: about this many bytes, read across while they are in cache.
@@ -226,9 +229,10 @@ def _column_blocks(x, geometry: ConvGeometry):
             yield slice(n, n + 1), slice(None), x[n].reshape(x.shape[1], -1)
         return
     x_pad = pad2d(x, geometry.padding)
-    blocks, buffer = column_blocks(
+    blocks, size = column_blocks(
         geometry, x.shape[0], x.shape[1], x.dtype, BLOCK_PIXELS, COLUMN_BUDGET_BYTES
     )
+    buffer = _scratch_array("columns", (size,), x.dtype)
     column_rows = x.shape[1] * math.prod(geometry.kernel_size)
     for images, out_rows, in_rows, block in blocks:
         count, pixels = images.stop - images.start, math.prod(block.out_hw)
@@ -327,9 +331,10 @@ def _weight_gradient(grad_out, x, geometry: ConvGeometry):
     numbers, but OpenBLAS runs this orientation much faster when ``L`` is long.
     """
     c_out = grad_out.shape[1]
-    transposed = np.zeros((x.shape[1] * math.prod(geometry.kernel_size), c_out), x.dtype)
-    for images, rows, cols in _column_blocks(x, geometry):
-        gemm(cols, _as_columns(grad_out[images, :, rows]).T, transposed, accumulate=True)
+    shape = (x.shape[1] * math.prod(geometry.kernel_size), c_out)
+    transposed = _scratch_array("weight_gradient", shape, x.dtype)
+    for index, (images, rows, cols) in enumerate(_column_blocks(x, geometry)):
+        gemm(cols, _as_columns(grad_out[images, :, rows]).T, transposed, accumulate=index > 0)
     return _transposed(transposed).reshape(c_out, x.shape[1], *geometry.kernel_size)
 
 
@@ -347,9 +352,10 @@ def _input_gradient(grad_out, weight, geometry: ConvGeometry):
         grad_x = np.matmul(weight_matrix_t, grad_out.reshape(batch, c_out, -1))
         return grad_x.reshape(batch, c_in, *geometry.in_hw)
     grad_x_pad = np.zeros((batch, c_in, *geometry.padded_hw), dtype=grad_out.dtype)
-    blocks, buffer = column_blocks(
+    blocks, size = column_blocks(
         geometry, batch, c_in, grad_out.dtype, BLOCK_PIXELS, COLUMN_BUDGET_BYTES
     )
+    buffer = _scratch_array("columns", (size,), grad_out.dtype)
     column_rows = weight_matrix_t.shape[0]
     for images, out_rows, in_rows, block in blocks:
         count, pixels = images.stop - images.start, math.prod(block.out_hw)
@@ -412,10 +418,10 @@ def _gradients_from_gradient_columns(grad_out, x, weight, carried_back: ConvGeom
     c_out, c_in, kh, kw = weight.shape
     flipped_matrix_t = _flipped_rows(weight).T  # (C_in, C_out*kH*kW), a transposed view
     grad_x = np.empty_like(x)
-    grad_w_flipped = np.zeros((c_out * kh * kw, c_in), dtype=x.dtype)
-    for images, rows, gcols in _column_blocks(grad_out, carried_back):
+    grad_w_flipped = _scratch_array("weight_gradient", (c_out * kh * kw, c_in), x.dtype)
+    for index, (images, rows, gcols) in enumerate(_column_blocks(grad_out, carried_back)):
         _matmul_into(flipped_matrix_t, gcols, grad_x[images, :, rows])
-        gemm(gcols, _as_columns(x[images, :, rows]).T, grad_w_flipped, accumulate=True)
+        gemm(gcols, _as_columns(x[images, :, rows]).T, grad_w_flipped, accumulate=index > 0)
     grad_w = grad_w_flipped.reshape(c_out, kh, kw, c_in)[:, ::-1, ::-1].transpose(0, 3, 1, 2)
     return grad_x, np.ascontiguousarray(grad_w)
 

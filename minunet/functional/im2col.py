@@ -106,10 +106,10 @@ def column_blocks(geometry: ConvGeometry, batch: int, channels: int, dtype,
     for a fast matrix product), but never more than ``budget_bytes`` of columns
     (``C*kH*kW`` rows), and at least one row.
 
-    Returns ``(blocks, buffer)``: a list of ``(images, output rows, padded-input rows, block
+    Returns ``(blocks, size)``: a list of ``(images, output rows, padded-input rows, block
     geometry)`` (slices, and the geometry of the block as seen by :func:`im2col` and
-    :func:`col2im`: only its kernel, stride, dilation and ``out_hw`` are meaningful), and a
-    flat scratch array that holds the columns of any one block.
+    :func:`col2im`: only its kernel, stride, dilation and ``out_hw`` are meaningful), and
+    the number of elements that holds the columns of any one block.
     """
     (kh, kw), (h_out, w_out) = geometry.kernel_size, geometry.out_hw
     column_bytes = channels * kh * kw * np.dtype(dtype).itemsize
@@ -128,4 +128,4 @@ def column_blocks(geometry: ConvGeometry, batch: int, channels: int, dtype,
                 slice(first_rows.start, last_rows.stop),
                 geometry._replace(out_hw=(stop - start, w_out)),
             ))
-    return blocks, np.empty(images * rows * w_out * channels * kh * kw, dtype=dtype)
+    return blocks, images * rows * w_out * channels * kh * kw
