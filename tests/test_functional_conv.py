@@ -15,6 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minunet.functional as mf
+from minunet.checks import conv_transpose2d_arguments
+from minunet.functional.im2col import col2im, tiles
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")  # torch's perf. note
 
@@ -293,6 +295,48 @@ def transposable_conv_case(seed):
     output_padding = tuple(r if ok else 0 for r, ok in zip(unread, allowed, strict=True))
     h, w = (n - (0 if ok else r) for n, r, ok in zip(x.shape[2:], unread, allowed, strict=True))
     return x[:, :, :h, :w], weight, kwargs, output_padding
+
+
+TILING_CASES = [  # kernel, stride, padding, output_padding, batch; tiled or not
+    (2, 2, 0, 0, 1, True), (2, 2, 0, 0, 3, True), (3, 3, 0, 0, 2, True),
+    ((2, 3), (2, 3), 0, 0, 2, True), (2, 2, 1, 0, 2, True), (3, 3, 1, 0, 1, True),
+    (2, 2, 0, 1, 2, False), (3, 3, 1, 2, 1, False), (3, 2, 0, 0, 2, False),
+]
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding", "output_padding", "batch", "tiled"),
+                         TILING_CASES)
+def test_tiling_transposed_convolution_matches_torch(kernel, stride, padding, output_padding,
+                                                     batch, tiled):
+    """Windows that tile the output (stride = kernel) write each pixel once instead of
+    adding to zeros; an output padding leaves a row or column that no window writes."""
+    rng = np.random.default_rng(7)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    x = rng.standard_normal((batch, 5, 7, 6))
+    weight, bias = rng.standard_normal((5, 4, kh, kw)), rng.standard_normal(4)
+    kwargs = dict(stride=stride, padding=padding, output_padding=output_padding)
+    geometry = conv_transpose2d_arguments(x, weight, bias, stride, padding, output_padding, 1)
+    assert tiles(geometry) == tiled
+    torch_out, grad_out, grads = torch_forward_backward(F.conv_transpose2d, x, weight, bias, 3,
+                                                        **kwargs)
+    check_against_torch(*FAST_T, np.float64, x, weight, bias, kwargs, torch_out, grad_out,
+                        grads)
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding", "output_padding", "batch", "tiled"),
+                         [case for case in TILING_CASES if case[-1]])
+def test_col2im_overwrites_exactly_the_tiled_pixels(kernel, stride, padding, output_padding,
+                                                    batch, tiled):
+    """Written over NaN, every pixel of a tiled output gets its one value: the sums col2im
+    adds to zeros, bit for bit."""
+    rng = np.random.default_rng(8)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    x, weight = rng.standard_normal((batch, 3, 4, 5)), rng.standard_normal((3, 2, kh, kw))
+    geometry = conv_transpose2d_arguments(x, weight, None, stride, padding, output_padding, 1)
+    cols = rng.standard_normal((batch, 2 * kh * kw, 4 * 5))
+    added = col2im(cols, geometry)
+    written = col2im(cols, geometry, out=np.full_like(added, np.nan), overwrite=True)
+    np.testing.assert_array_equal(written, added)
 
 
 @pytest.mark.parametrize("seed", range(300, 310))

@@ -17,7 +17,8 @@ The fast kernels are matrix products around :func:`~minunet.functional.im2col.im
 
 The input gradient *is* the transposed convolution: :mod:`~minunet.functional.conv_transpose`
 is built from the very same three private kernels (:func:`_correlate`,
-:func:`_weight_gradient`, :func:`_input_gradient`) with the roles of the arrays exchanged.
+:func:`_weight_gradient`, :func:`_input_gradient`) with the roles of the arrays exchanged;
+its backward pass runs the first two in one pass over the columns (:func:`_column_products`).
 
 Two faster routes serve the stride-1 convolutions of a U-Net, each explained where it is
 defined: the backward pass from one im2col of grad_out
@@ -45,6 +46,7 @@ from minunet.functional.im2col import (
     im2col,
     pad2d,
     receptive_field,
+    tiles,
 )
 
 # --- Reference kernels: loops that read like the equations ---------------------------------
@@ -241,15 +243,47 @@ def _column_blocks(x, geometry: ConvGeometry):
         yield images, out_rows, cols.reshape(column_rows, -1)
 
 
+def _column_products(x, geometry: ConvGeometry, weight=None, grad_out=None):
+    """The two products that read the columns of x, from one pass over them:
+    ``(correlation, weight gradient)``, each None unless asked for.
+
+    * with ``weight`` (C_out, C_in, kH, kW): the convolution of x without bias,
+      (N, C_out, H_out, W_out) = ``weight (C_out, K) @ cols (K, L)``;
+    * with ``grad_out`` (N, C_g, H_out, W_out): the weight gradient it gives,
+      (C_g, C_in, kH, kW) = sum_n ``grad_out[n] (C_g, L) @ cols[n].T (L, K)``, computed as
+      the transpose of ``cols[n] (K, L) @ grad_out[n].T (L, C_g)``: the same numbers, but
+      OpenBLAS runs this orientation much faster when ``L`` is long.
+
+    A transposed convolution's backward pass asks for both with the same columns.
+    """
+    out = transposed = None
+    if weight is not None:
+        weight_matrix = weight.reshape(weight.shape[0], -1)
+        out = np.empty((x.shape[0], weight.shape[0], *geometry.out_hw), dtype=x.dtype)
+    if grad_out is not None:
+        shape = (x.shape[1] * math.prod(geometry.kernel_size), grad_out.shape[1])
+        transposed = _scratch_array("weight_gradient", shape, x.dtype)
+    for index, (images, rows, cols) in enumerate(_column_blocks(x, geometry)):
+        if out is not None:
+            _matmul_into(weight_matrix, cols, out[images, :, rows])
+        if transposed is not None:
+            gemm(cols, _as_columns(grad_out[images, :, rows]).T, transposed,
+                 accumulate=index > 0)
+    if transposed is None:
+        return out, None
+    grad_weight = _transposed(transposed)
+    return out, grad_weight.reshape(grad_out.shape[1], x.shape[1], *geometry.kernel_size)
+
+
 def _correlate(x, weight, geometry: ConvGeometry):
     """Convolution without bias: x (N, C_in, H, W), weight (C_out, C_in, kH, kW)
     -> (N, C_out, H_out, W_out), as ``weight (C_out, K) @ cols (K, L)``."""
-    c_out = weight.shape[0]
-    weight_matrix = weight.reshape(c_out, -1)
-    out = np.empty((x.shape[0], c_out, *geometry.out_hw), dtype=x.dtype)
-    for images, rows, cols in _column_blocks(x, geometry):
-        _matmul_into(weight_matrix, cols, out[images, :, rows])
-    return out
+    return _column_products(x, geometry, weight=weight)[0]
+
+
+def _weight_gradient(grad_out, x, geometry: ConvGeometry):
+    """grad_weight (C_out, C_in, kH, kW) = sum_n grad_out[n] (C_out, L) @ cols[n].T (L, K)."""
+    return _column_products(x, geometry, grad_out=grad_out)[1]
 
 
 def _shifted_products_pay(x, geometry: ConvGeometry) -> bool:
@@ -324,20 +358,6 @@ def _correlate_by_shifted_products(x, taps, geometry: ConvGeometry, bias=None):
     return out
 
 
-def _weight_gradient(grad_out, x, geometry: ConvGeometry):
-    """grad_weight (C_out, C_in, kH, kW) = sum_n grad_out[n] (C_out, L) @ cols[n].T (L, K).
-
-    Computed as the transpose of ``cols[n] (K, L) @ grad_out[n].T (L, C_out)``: the same
-    numbers, but OpenBLAS runs this orientation much faster when ``L`` is long.
-    """
-    c_out = grad_out.shape[1]
-    shape = (x.shape[1] * math.prod(geometry.kernel_size), c_out)
-    transposed = _scratch_array("weight_gradient", shape, x.dtype)
-    for index, (images, rows, cols) in enumerate(_column_blocks(x, geometry)):
-        gemm(cols, _as_columns(grad_out[images, :, rows]).T, transposed, accumulate=index > 0)
-    return _transposed(transposed).reshape(c_out, x.shape[1], *geometry.kernel_size)
-
-
 def _input_gradient(grad_out, weight, geometry: ConvGeometry):
     """grad_x (N, C_in, H, W) = col2im(weight.T (K, C_out) @ grad_out (C_out, L)).
 
@@ -351,7 +371,11 @@ def _input_gradient(grad_out, weight, geometry: ConvGeometry):
     if _is_pointwise(geometry):
         grad_x = np.matmul(weight_matrix_t, grad_out.reshape(batch, c_out, -1))
         return grad_x.reshape(batch, c_in, *geometry.in_hw)
-    grad_x_pad = np.zeros((batch, c_in, *geometry.padded_hw), dtype=grad_out.dtype)
+    # where the taps tile the input each pixel receives one value: written, not added to zeros
+    tiled = tiles(geometry)
+    grad_x_pad = (np.empty if tiled else np.zeros)(
+        (batch, c_in, *geometry.padded_hw), dtype=grad_out.dtype
+    )
     blocks, size = column_blocks(
         geometry, batch, c_in, grad_out.dtype, BLOCK_PIXELS, COLUMN_BUDGET_BYTES
     )
@@ -362,7 +386,7 @@ def _input_gradient(grad_out, weight, geometry: ConvGeometry):
         grad_cols = buffer[: column_rows * count * pixels].reshape(column_rows, -1)
         np.matmul(weight_matrix_t, _as_columns(grad_out[images, :, out_rows]), out=grad_cols)
         col2im(grad_cols.reshape(column_rows, count, pixels).transpose(1, 0, 2), block,
-               out=grad_x_pad[images, :, in_rows])
+               out=grad_x_pad[images, :, in_rows], overwrite=tiled)
     return crop2d(grad_x_pad, geometry)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from minunet.checks import check_grad_out, conv_transpose2d_arguments
 from minunet.functional._dispatch import dispatch_on_array_type
-from minunet.functional.conv import _correlate, _input_gradient, _weight_gradient
+from minunet.functional.conv import _column_products, _input_gradient
 from minunet.functional.im2col import crop2d, pad2d, receptive_field
 
 # --- Reference kernels ----------------------------------------------------------------------
@@ -143,8 +143,7 @@ def conv_transpose2d_backward(
         x, weight, None, stride, padding, output_padding, dilation
     )
     check_grad_out(grad_out, (x.shape[0], weight.shape[1], *geometry.in_hw), x)
-    return (
-        _correlate(grad_out, weight, geometry),
-        _weight_gradient(x, grad_out, geometry),
-        grad_out.sum(axis=(0, 2, 3)),
-    )
+    # conv.py's _correlate(grad_out, weight) and _weight_gradient(x, grad_out) both read the
+    # columns of grad_out: one pass over them serves the two products
+    grad_x, grad_weight = _column_products(grad_out, geometry, weight=weight, grad_out=x)
+    return grad_x, grad_weight, grad_out.sum(axis=(0, 2, 3))

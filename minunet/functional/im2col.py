@@ -79,11 +79,14 @@ def im2col(x_padded, geometry: ConvGeometry, out=None):
     return out
 
 
-def col2im(cols, geometry: ConvGeometry, out=None):
+def col2im(cols, geometry: ConvGeometry, out=None, overwrite=False):
     """cols (N, C*kH*kW, H_out*W_out) -> (N, C, H_pad, W_pad), the adjoint of :func:`im2col`:
     ``x_padded[n, c, i*s_h + a*d_h, j*s_w + b*d_w] += cols[n, (c, a, b), (i, j)]``.
 
     The sums go into ``out`` (a padded array, or a view of one) when given, else into zeros.
+    ``overwrite=True`` writes each tap's values instead of adding them: right only where the
+    taps tile ``out`` (:func:`tiles`), each pixel read by exactly one tap of one window,
+    and then ``out`` need not be zeroed first.
     """
     (kh, kw), (h_out, w_out) = geometry.kernel_size, geometry.out_hw
     n = cols.shape[0]
@@ -93,8 +96,20 @@ def col2im(cols, geometry: ConvGeometry, out=None):
         out = np.zeros((n, c, *geometry.padded_hw), dtype=cols.dtype)
     for a in range(kh):
         for b in range(kw):
-            tap(out, a, b, geometry)[...] += cols[:, :, a, b]
+            if overwrite:
+                tap(out, a, b, geometry)[...] = cols[:, :, a, b]
+            else:
+                tap(out, a, b, geometry)[...] += cols[:, :, a, b]
     return out
+
+
+def tiles(geometry: ConvGeometry) -> bool:
+    """Whether the windows tile the padded input: stride equal to the (undilated) kernel and
+    a padded size that is a whole number of windows, so that every padded pixel is read by
+    exactly one tap of one window (the U-Net's 2x2, stride-2 up-convolution)."""
+    (kh, kw), (h_out, w_out) = geometry.kernel_size, geometry.out_hw
+    return (geometry.stride == geometry.kernel_size and geometry.dilation == (1, 1)
+            and geometry.padded_hw == (h_out * kh, w_out * kw))
 
 
 def column_blocks(geometry: ConvGeometry, batch: int, channels: int, dtype,
