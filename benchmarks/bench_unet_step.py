@@ -72,6 +72,7 @@ import minunet.functional.conv as conv_kernels  # noqa: E402
 from minunet import UNet, losses, nn, optim  # noqa: E402
 from minunet.files import write_json  # noqa: E402
 from minunet.nn import Conv2d, ConvTranspose2d  # noqa: E402
+from minunet.parallel import BatchSplit  # noqa: E402
 from minunet.serialization import to_torch_state_dict  # noqa: E402
 from minunet.torch_reference import TorchUNet  # noqa: E402
 
@@ -88,7 +89,8 @@ CASES = [
 
 # minunet's CPU optimisations as a ladder (see minunet/functional/conv.py): the plain
 # im2col/col2im kernels with 64 MiB blocks first, then each optimisation added in turn; the
-# last rung is minunet as it is. Each rung names the replacements (module, attribute) that
+# last rung is minunet as it is, the batch split across threads (minunet/parallel.py), which
+# the rungs before it run without. Each rung names the replacements (module, attribute) that
 # switch off the optimisations not yet added.
 NO_SHIFTED_PRODUCTS = {(conv_kernels, "_shifted_products_pay"): lambda x, geometry: False}
 NUMPY_GEMM = {(blas, "_GEMM"): {}}  # each product to a temporary, then added
@@ -116,7 +118,8 @@ LADDER = [
      {**BRANCHING_RELU_GRADIENT, **LATER}),
     ("+ a branch-free ReLU gradient", LATER),
     ("+ backward frees each layer's cache once used", FRESH_SCRATCH),
-    ("+ fewer passes over memory (reused flat arrays, gradients in place)", {}),
+    ("+ fewer passes over memory (reused buffers, gradients in place)", {}),
+    ("+ the batch split across threads, one BLAS thread each", {}),
 ]
 
 
@@ -253,12 +256,13 @@ def main():
         sgd = optim.SGD(net.parameters(), lr=1e-3, momentum=0.99)
         torch_sgd = torch.optim.SGD(torch_net.parameters(), lr=1e-3, momentum=0.99)
         torch_data = [torch.from_numpy(a) for a in (x, target, weight)]
-        ours_step = functools.partial(minunet_step, net, sgd, x, target, weight)
+        ours_step = functools.partial(minunet_step, BatchSplit(net), sgd, x, target, weight)
+        unsplit_step = functools.partial(minunet_step, net, sgd, x, target, weight)
         theirs_step = functools.partial(torch_step, torch_net, torch_sgd, *torch_data)
         steps = {"minunet": ours_step, "torch": theirs_step}
         ladder = ARGS.ladder is not None and (not ARGS.ladder or case["name"] in ARGS.ladder)
         if ladder:
-            steps.update({name: time_with(replacements, ours_step)
+            steps.update({name: time_with(replacements, unsplit_step)
                           for name, replacements in LADDER[:-1]})
         times = dict(zip(steps, alternating_times(list(steps.values()), ARGS.repeats,
                                                   case["name"]), strict=True))

@@ -43,6 +43,7 @@ from minunet.inference import predict
 from minunet.losses import softmax_cross_entropy
 from minunet.metrics import class_scores, count_objects, dice, iou, object_scores, pixel_error
 from minunet.optim import SGD, Adam
+from minunet.parallel import BatchSplit
 from minunet.postprocess import label_instances
 from minunet.serialization import TRAINING_KEY, read, save
 
@@ -276,7 +277,8 @@ def _check_class_masks(datasets, num_classes: int) -> None:
 
 def training_step(net, optimizer, x, target, weight, step: int):
     """One step of gradient descent on a batch: forward, the weighted softmax
-    cross-entropy, backward, update. Returns the loss: a float (``FloatingPointError``,
+    cross-entropy, backward, update (``net``: the network, or a :class:`BatchSplit` of it
+    that shares the batch out to threads). Returns the loss: a float (``FloatingPointError``,
     before the update, if it is not finite), or on the GPU a 0-d CuPy array that is not read
     here, since reading it waits for the GPU; :func:`fit` reads and checks it with
     :func:`finite_loss` every ``GPU_LOSS_EVERY`` steps."""
@@ -430,6 +432,8 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
         history, step = _resume(checkpoint_path, net, opt, rng, settings, best)
 
     net.train()
+    # the tiles of a batch are independent: each thread trains on a share of them
+    split = BatchSplit(net)
     bar = tqdm(total=steps, initial=step, desc="training", disable=not progress,
                unit="step", dynamic_ncols=True)
     started = epoch_start = time.perf_counter()
@@ -439,7 +443,7 @@ def fit(net, train_data, val_data=None, *, steps: int | None = None, epochs: int
             opt.lr = learning_rate(lr_schedule, settings["lr"], min_lr, step, steps)
             batch = sampler.sample(batch_size, rng)
             x, target, weight = (to_device(a, net.device) for a in batch)
-            loss = training_step(net, opt, x.astype(net.dtype), target,
+            loss = training_step(split, opt, x.astype(net.dtype), target,
                                  weight.astype(net.dtype), step + 1)
             step += 1
             unread.append(loss)

@@ -18,19 +18,22 @@ axis, operands that overlap the output), it computes the same numbers with NumPy
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import os
+import threading
 
 import numpy as np
 
 _ROW_MAJOR, _NO_TRANSPOSE, _TRANSPOSE = 101, 111, 112  # CBLAS enumeration values
 
 
-def _load_numpy_gemm() -> dict:
-    """``{dtype: cblas_?gemm}`` from the OpenBLAS bundled with NumPy's wheels (64-bit
-    integers, symbols prefixed ``scipy_``); empty if there is none (e.g. a NumPy built on
-    MKL or Accelerate), in which case :func:`gemm` uses NumPy."""
+def _load_numpy_openblas() -> tuple[dict, dict]:
+    """From the OpenBLAS bundled with NumPy's wheels (64-bit integers, symbols prefixed
+    ``scipy_``): ``{dtype: cblas_?gemm}`` and ``{"get": ..., "set": ...}``, its thread-count
+    functions. Both empty if there is none (e.g. a NumPy built on MKL or Accelerate), in
+    which case :func:`gemm` uses NumPy and the thread count is not known."""
     numpy_dir = os.path.dirname(np.__file__)
     paths = sorted(glob.glob(os.path.join(numpy_dir, os.pardir, "numpy.libs", "*openblas64*"))
                    + glob.glob(os.path.join(numpy_dir, ".dylibs", "*openblas64*")))
@@ -51,11 +54,48 @@ def _load_numpy_gemm() -> dict:
             function.restype = None
             functions[np.dtype(dtype)] = function
         else:
-            return functions
-    return {}
+            get = getattr(library, "scipy_openblas_get_num_threads64_", None)
+            set_ = getattr(library, "scipy_openblas_set_num_threads64_", None)
+            if get is None or set_ is None:
+                return functions, {}
+            get.argtypes, get.restype = [], ctypes.c_int
+            set_.argtypes, set_.restype = [ctypes.c_int], None
+            return functions, {"get": get, "set": set_}
+    return {}, {}
 
 
-_GEMM = _load_numpy_gemm()
+_GEMM, _THREADS = _load_numpy_openblas()
+# Callers inside single_threaded_blas, counted so that the outermost one restores the count.
+_single_threaded = {"callers": 0, "saved": None}
+_single_threaded_lock = threading.Lock()
+
+
+def blas_threads() -> int:
+    """How many threads NumPy's OpenBLAS runs a product on (1 where that is not known)."""
+    return _THREADS["get"]() if _THREADS else 1
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """Within the block every BLAS product runs on the thread that asks for it, the way to
+    run several products at once from several threads. The count is OpenBLAS's own, for the
+    whole process (its per-thread setting does not hold in NumPy's build); it is restored
+    when the last block still open ends."""
+    if not _THREADS:
+        yield
+        return
+    with _single_threaded_lock:
+        if _single_threaded["callers"] == 0:
+            _single_threaded["saved"] = _THREADS["get"]()
+            _THREADS["set"](1)
+        _single_threaded["callers"] += 1
+    try:
+        yield
+    finally:
+        with _single_threaded_lock:
+            _single_threaded["callers"] -= 1
+            if _single_threaded["callers"] == 0:
+                _THREADS["set"](_single_threaded["saved"])
 
 
 def direct_gemm_available() -> bool:
