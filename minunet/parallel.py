@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import copy
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from minunet.functional.blas import blas_threads, single_threaded_blas
+from minunet.functional.threads import run_at_once, share_count, split
 from minunet.nn import BatchNorm2d, Dropout, Module
 
 
@@ -50,8 +49,6 @@ class BatchSplit:
         self.net = net
         self.threads = threads
         self._replicas: list[Module] = []
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_size = 0
         self._shares: list[slice] | None = None  # the split of the last forward pass
 
     # --- what the network offers --------------------------------------------------------------
@@ -66,7 +63,7 @@ class BatchSplit:
         """The shares of the batch (contiguous runs of images), or None to run unsplit."""
         if not isinstance(x, np.ndarray) or x.ndim != 4:
             return None  # the network's own checks say what is wrong with it
-        count = min(self.threads or blas_threads(), x.shape[0])
+        count = min(self.threads or share_count(), x.shape[0])
         per_image = not any(
             module.training and (isinstance(module, BatchNorm2d)
                                  or isinstance(module, Dropout) and module.p > 0)
@@ -74,19 +71,13 @@ class BatchSplit:
         )
         if count < 2 or not per_image:
             return None
-        bounds = [round(i * x.shape[0] / count) for i in range(count + 1)]
-        return [slice(bounds[i], bounds[i + 1]) for i in range(count)]
+        return split(x.shape[0], count)
 
     def _networks(self, count: int) -> list[Module]:
         """``net`` and ``count - 1`` replicas, each replica pointed at ``net``'s current
         weights, buffers and modes (they may have been replaced since the last call)."""
         while len(self._replicas) < count - 1:
             self._replicas.append(self._replica())
-        if self._pool_size < count - 1:
-            if self._pool is not None:
-                self._pool.shutdown()
-            self._pool = ThreadPoolExecutor(count - 1, thread_name_prefix="minunet-share")
-            self._pool_size = count - 1
         for replica in self._replicas[: count - 1]:
             for mine, theirs in zip(replica.modules(), self.net.modules(), strict=True):
                 mine.training = theirs.training
@@ -112,20 +103,6 @@ class BatchSplit:
             module._clear_cache()
         return replica
 
-    def _run(self, tasks):
-        """Call every task at once, the first in this thread, with single-threaded BLAS;
-        their results in order. Waits for all before raising the first error."""
-        with single_threaded_blas():
-            futures = [self._pool.submit(task) for task in tasks[1:]]
-            try:
-                first = tasks[0]()
-            finally:
-                rest = [future.exception() or future.result() for future in futures]
-        for result in rest:
-            if isinstance(result, BaseException):
-                raise result
-        return [first, *rest]
-
     # --- forward and backward -----------------------------------------------------------------
     def forward(self, x):
         """x (N, C, H, W) -> the network's output for it, one share of N per thread."""
@@ -133,7 +110,7 @@ class BatchSplit:
         if shares is None:
             return self.net.forward(x)
         networks = self._networks(len(shares))
-        outputs = self._run([lambda n=n, s=s: n.forward(x[s])
+        outputs = run_at_once([lambda n=n, s=s: n.forward(x[s])
                              for n, s in zip(networks, shares, strict=True)])
         return np.concatenate(outputs)
 
@@ -154,7 +131,7 @@ class BatchSplit:
         tasks = [lambda: self.net.backward(grad_out[shares[0]])]
         tasks += [lambda n=n, s=s: replica_backward(n, s)
                   for n, s in zip(networks[1:], shares[1:], strict=True)]
-        grad_x = np.concatenate(self._run(tasks))
+        grad_x = np.concatenate(run_at_once(tasks))
         self._sum_gradients(networks)
         return grad_x
 
@@ -174,4 +151,4 @@ class BatchSplit:
                 for replica in replicas:
                     main.grad += replica.grad
 
-        self._run([lambda g=g: add(g) for g in groups])
+        run_at_once([lambda g=g: add(g) for g in groups])

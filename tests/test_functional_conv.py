@@ -593,3 +593,49 @@ def test_unet_layer_with_many_channels_float32(rng):
     torch_out, grad_out, grads = torch_forward_backward(F.conv2d, x, weight, bias, 0, padding=1)
     check_against_torch(*FAST, np.float32, x, weight, bias, {"padding": 1}, torch_out,
                         grad_out, grads)
+
+
+# --- Work shared out to threads ---------------------------------------------------------------
+
+
+@pytest.fixture(params=[2, 3])
+def shares(request, monkeypatch):
+    """Kernels share their work out to this many threads, whatever the machine's BLAS."""
+    from minunet.functional import threads
+
+    monkeypatch.setattr(threads, "blas_threads", lambda: request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("seed", range(440, 446))
+def test_blocks_shared_out_to_threads_match_torch(seed, shares, monkeypatch):
+    """Runs of blocks on several threads: im2col products, the weight gradient summed from
+    each thread's part, gradient columns, tiled col2im."""
+    import minunet.functional.conv as conv_module
+
+    monkeypatch.setattr(conv_module, "BLOCK_PIXELS", 5)
+    x, weight, bias, kwargs, torch_padding = random_conv_case(seed, small=False)
+    if seed % 2:
+        kwargs["stride"] = (1, 1)  # the gradient columns need stride 1
+    check_conv_and_transpose_against_torch(seed, x, weight, bias, kwargs, torch_padding)
+
+
+@pytest.mark.parametrize(("x_shape", "weight_shape", "padding"), [
+    ((3, 8, 13, 11), (16, 8, 3, 3), "same"),  # shifted products forward and backward
+    ((1, 8, 19, 17), (8, 8, 3, 3), "valid"),  # one unpadded image: read where it lies
+    ((3, 16, 9, 10), (8, 16, 3, 3), "same"),  # backward from gradient columns
+    ((2, 8, 7, 6), (4, 8, 1, 1), 0),  # pointwise, one image per block
+])
+def test_unet_convolutions_shared_out_to_threads_match_torch(x_shape, weight_shape, padding,
+                                                             shares, rng):
+    x, weight, bias = (rng.standard_normal(s) for s in (x_shape, weight_shape,
+                                                       weight_shape[:1]))
+    torch_out, grad_out, grads = torch_forward_backward(F.conv2d, x, weight, bias, 7,
+                                                        padding=padding)
+    check_against_torch(*FAST, np.float64, x, weight, bias, {"padding": padding}, torch_out,
+                        grad_out, grads)
+    up_weight = rng.standard_normal((x_shape[1], 4, 2, 2))
+    torch_out, grad_out, grads = torch_forward_backward(F.conv_transpose2d, x, up_weight,
+                                                        bias[:4], 8, stride=2)
+    check_against_torch(*FAST_T, np.float64, x, up_weight, bias[:4], {"stride": 2},
+                        torch_out, grad_out, grads)

@@ -26,11 +26,14 @@ defined: the backward pass from one im2col of grad_out
 images, summed in place by BLAS, that build no column matrix
 (:func:`_correlate_by_shifted_products`: the forward pass, and the input gradient where a
 layer has at least as many output as input channels). Column matrices are built block by
-block, so the memory stays bounded (see ``BLOCK_PIXELS``).
+block, so the memory stays bounded (see ``BLOCK_PIXELS``), and the blocks are shared out to
+threads, copies and products together, each thread with one-thread BLAS
+(:mod:`~minunet.functional.threads`); each thread sums its own part of a weight gradient.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -48,6 +51,7 @@ from minunet.functional.im2col import (
     receptive_field,
     tiles,
 )
+from minunet.functional.threads import run_at_once, share_count, split
 
 # --- Reference kernels: loops that read like the equations ---------------------------------
 
@@ -129,12 +133,14 @@ SHIFTED_MIN_CHANNELS = 8
 SHIFTED_MIN_USEFUL = 0.7
 # Scratch arrays: the shifted products' two flat arrays (the padded input and the padded
 # output, the largest as large as a feature map), a block's columns, and the weight gradient
-# while its blocks are summed. Fresh memory is not free: the operating system finds and
-# zeroes every new page, 5-10 % of the time of the paper network's largest layers, and a
-# product that writes into fresh pages waits for them (a 512-channel layer's backward pass
-# on 8x8 maps: 42 ms with a fresh weight gradient, 19 ms with a reused one). So each thread
-# keeps these four buffers from call to call, each up to this size (larger ones are
-# allocated and dropped each time): a bounded amount, held per thread.
+# while its blocks are summed (one for each share of the work a thread has run: a thread may
+# run two shares of one kernel in turn, and each share's sum must outlive it). Fresh memory
+# is not free: the operating system finds and zeroes every new page, 5-10 % of the time of
+# the paper network's largest layers, and a product that writes into fresh pages waits for
+# them (a 512-channel layer's backward pass on 8x8 maps: 42 ms with a fresh weight
+# gradient, 19 ms with a reused one). So each thread keeps these buffers from call to call,
+# each up to this size (larger ones are allocated and dropped each time): a bounded amount,
+# held per thread.
 SCRATCH_MAX_BYTES = 128 * 2**20
 _scratch = threading.local()
 # The tiles of _transposed: about this many bytes, read across while they are in cache.
@@ -220,27 +226,56 @@ def _matmul_into(a, b, out):
 
 
 def _column_blocks(x, geometry: ConvGeometry):
-    """im2col of x (N, C, H, W), one block at a time.
+    """The blocks of im2col of x (N, C, H, W): ``(x_padded, blocks, size)``, where each
+    block is ``(images, output rows, padded-input rows, block geometry)`` (see
+    :func:`~minunet.functional.im2col.column_blocks`; one block per image, and None for the
+    last two, where the input already is its column matrix) and ``size`` the elements a
+    block's columns take."""
+    if _is_pointwise(geometry):
+        return x, [(slice(n, n + 1), slice(None), None, None) for n in range(x.shape[0])], 0
+    blocks, size = column_blocks(geometry, x.shape[0], x.shape[1], x.dtype, BLOCK_PIXELS,
+                                 COLUMN_BUDGET_BYTES)
+    return pad2d(x, geometry.padding), blocks, size
+
+
+def _columns(x_padded, geometry: ConvGeometry, blocks, size):
+    """im2col of the ``blocks`` (from :func:`_column_blocks`), one at a time.
 
     Yields ``(images, rows, cols)``: the slices of the output that the block covers and its
     columns (C*kH*kW, n_images*rows*W_out), ordered as :func:`_as_columns`. Each block's
-    columns overwrite the previous block's: use them before asking for the next.
+    columns overwrite the previous block's, in this thread's buffer: use them before asking
+    for the next.
     """
-    if _is_pointwise(geometry):
-        for n in range(x.shape[0]):
-            yield slice(n, n + 1), slice(None), x[n].reshape(x.shape[1], -1)
+    channels = x_padded.shape[1]
+    if blocks and blocks[0][3] is None:  # pointwise: each image's pixels are its columns
+        for images, rows, _, _ in blocks:
+            yield images, rows, x_padded[images.start].reshape(channels, -1)
         return
-    x_pad = pad2d(x, geometry.padding)
-    blocks, size = column_blocks(
-        geometry, x.shape[0], x.shape[1], x.dtype, BLOCK_PIXELS, COLUMN_BUDGET_BYTES
-    )
-    buffer = _scratch_array("columns", (size,), x.dtype)
-    column_rows = x.shape[1] * math.prod(geometry.kernel_size)
+    buffer = _scratch_array("columns", (size,), x_padded.dtype)
+    column_rows = channels * math.prod(geometry.kernel_size)
     for images, out_rows, in_rows, block in blocks:
         count, pixels = images.stop - images.start, math.prod(block.out_hw)
         cols = buffer[: column_rows * count * pixels].reshape(column_rows, count, pixels)
-        im2col(x_pad[images, :, in_rows], block, out=cols.transpose(1, 0, 2))
+        im2col(x_padded[images, :, in_rows], block, out=cols.transpose(1, 0, 2))
         yield images, out_rows, cols.reshape(column_rows, -1)
+
+
+def _in_shares(blocks, work) -> list:
+    """``work(share, run)`` for runs of consecutive ``blocks``, one run per share of the
+    work, at once (:func:`~minunet.functional.threads.run_at_once`); the results in order.
+    ``share`` numbers the runs: a thread may run several shares one after the other, so a
+    share that returns a scratch array names it by its number."""
+    runs = split(len(blocks), share_count())
+    return run_at_once(functools.partial(work, share, blocks[run])
+                       for share, run in enumerate(runs))
+
+
+def _summed(partials):
+    """The first of the arrays, with the others added into it."""
+    total = partials[0]
+    for partial in partials[1:]:
+        total += partial
+    return total
 
 
 def _column_products(x, geometry: ConvGeometry, weight=None, grad_out=None):
@@ -254,24 +289,32 @@ def _column_products(x, geometry: ConvGeometry, weight=None, grad_out=None):
       the transpose of ``cols[n] (K, L) @ grad_out[n].T (L, C_g)``: the same numbers, but
       OpenBLAS runs this orientation much faster when ``L`` is long.
 
-    A transposed convolution's backward pass asks for both with the same columns.
+    A transposed convolution's backward pass asks for both with the same columns. Each
+    share of the blocks sums its own part of the weight gradient; the parts are added last.
     """
-    out = transposed = None
+    out = None
     if weight is not None:
         weight_matrix = weight.reshape(weight.shape[0], -1)
         out = np.empty((x.shape[0], weight.shape[0], *geometry.out_hw), dtype=x.dtype)
-    if grad_out is not None:
-        shape = (x.shape[1] * math.prod(geometry.kernel_size), grad_out.shape[1])
-        transposed = _scratch_array("weight_gradient", shape, x.dtype)
-    for index, (images, rows, cols) in enumerate(_column_blocks(x, geometry)):
-        if out is not None:
-            _matmul_into(weight_matrix, cols, out[images, :, rows])
-        if transposed is not None:
-            gemm(cols, _as_columns(grad_out[images, :, rows]).T, transposed,
-                 accumulate=index > 0)
-    if transposed is None:
+    x_padded, blocks, size = _column_blocks(x, geometry)
+
+    def work(share, run):
+        transposed = None
+        if grad_out is not None:
+            shape = (x.shape[1] * math.prod(geometry.kernel_size), grad_out.shape[1])
+            transposed = _scratch_array(f"weight_gradient_{share}", shape, x.dtype)
+        for index, (images, rows, cols) in enumerate(_columns(x_padded, geometry, run, size)):
+            if out is not None:
+                _matmul_into(weight_matrix, cols, out[images, :, rows])
+            if transposed is not None:
+                gemm(cols, _as_columns(grad_out[images, :, rows]).T, transposed,
+                     accumulate=index > 0)
+        return transposed
+
+    partials = _in_shares(blocks, work)
+    if grad_out is None:
         return out, None
-    grad_weight = _transposed(transposed)
+    grad_weight = _transposed(_summed(partials))
     return out, grad_weight.reshape(grad_out.shape[1], x.shape[1], *geometry.kernel_size)
 
 
@@ -328,33 +371,50 @@ def _correlate_by_shifted_products(x, taps, geometry: ConvGeometry, bias=None):
     c_out = taps.shape[1]
     shifts = [a * dh * w_pad + b * dw for a in range(kh) for b in range(kw)]
     positions = batch * h_pad * w_pad
+    shares = share_count()
     if batch == 1 and (h_pad, w_pad) == (h, w):
         x_flat = x.reshape(c_in, h * w)  # a view when x is contiguous
         length = (h_out - 1) * w_pad + w_out  # flat positions beyond are junk, never read
     else:
         length = positions
         x_flat = _scratch_array("shifted_input", (c_in, length + shifts[-1]), x.dtype)
-        x_flat[:, length:] = 0  # the last tap's window runs shifts[-1] past the last image
-        x_images = x_flat[:, :length].reshape(c_in, batch, h_pad, w_pad)
-        x_images[:, :, :top] = 0  # the padding: zeros around each image
-        x_images[:, :, top + h :] = 0
-        x_images[:, :, top : top + h, :left] = 0
-        x_images[:, :, top : top + h, left + w :] = 0
-        x_images[:, :, top : top + h, left : left + w] = x.transpose(1, 0, 2, 3)
+
+        def lay_out(channels):
+            x_flat[channels, length:] = 0  # the last tap's window runs past the last image
+            x_images = x_flat[channels, :length].reshape(-1, batch, h_pad, w_pad)
+            x_images[:, :, :top] = 0  # the padding: zeros around each image
+            x_images[:, :, top + h :] = 0
+            x_images[:, :, top : top + h, :left] = 0
+            x_images[:, :, top : top + h, left + w :] = 0
+            x_images[:, :, top : top + h, left : left + w] = x[:, channels].transpose(1, 0, 2, 3)
+
+        run_at_once(functools.partial(lay_out, c) for c in split(c_in, shares))
     out_flat = _scratch_array("shifted_output", (c_out, positions), x.dtype)
     fewest, most = SHIFTED_BLOCK_COLUMNS
     block = min(most, max(fewest, SHIFTED_BLOCK_BYTES // (c_out * x.dtype.itemsize)))
-    for start in range(0, length, block):
-        stop = min(start + block, length)
-        for index, shift in enumerate(shifts):
-            gemm(taps[index], x_flat[:, start + shift : stop + shift], out_flat[:, start:stop],
-                 accumulate=index > 0)
+    # blocks of one size, as many for each share
+    count = shares * math.ceil(length / (shares * block))
+    block = math.ceil(length / count)
+    starts = range(0, length, block)
+
+    def products(run):
+        for start in starts[run]:
+            stop = min(start + block, length)
+            for index, shift in enumerate(shifts):
+                gemm(taps[index], x_flat[:, start + shift : stop + shift],
+                     out_flat[:, start:stop], accumulate=index > 0)
+
+    run_at_once(functools.partial(products, run) for run in split(len(starts), shares))
     out = np.empty((batch, c_out, h_out, w_out), dtype=x.dtype)  # never the scratch itself
-    valid = out_flat.reshape(c_out, batch, h_pad, w_pad)[:, :, :h_out, :w_out].swapaxes(0, 1)
-    if bias is None:
-        out[...] = valid
-    else:  # the copy out of the flat layout adds the bias on the way
-        np.add(valid, bias[:, None, None], out=out)
+
+    def copy_out(channels):
+        valid = out_flat[channels].reshape(-1, batch, h_pad, w_pad)[:, :, :h_out, :w_out]
+        if bias is None:
+            out[:, channels] = valid.swapaxes(0, 1)
+        else:  # the copy out of the flat layout adds the bias on the way
+            np.add(valid.swapaxes(0, 1), bias[channels, None, None], out=out[:, channels])
+
+    run_at_once(functools.partial(copy_out, c) for c in split(c_out, shares))
     return out
 
 
@@ -379,14 +439,22 @@ def _input_gradient(grad_out, weight, geometry: ConvGeometry):
     blocks, size = column_blocks(
         geometry, batch, c_in, grad_out.dtype, BLOCK_PIXELS, COLUMN_BUDGET_BYTES
     )
-    buffer = _scratch_array("columns", (size,), grad_out.dtype)
     column_rows = weight_matrix_t.shape[0]
-    for images, out_rows, in_rows, block in blocks:
-        count, pixels = images.stop - images.start, math.prod(block.out_hw)
-        grad_cols = buffer[: column_rows * count * pixels].reshape(column_rows, -1)
-        np.matmul(weight_matrix_t, _as_columns(grad_out[images, :, out_rows]), out=grad_cols)
-        col2im(grad_cols.reshape(column_rows, count, pixels).transpose(1, 0, 2), block,
-               out=grad_x_pad[images, :, in_rows], overwrite=tiled)
+
+    def work(share, run):
+        buffer = _scratch_array("columns", (size,), grad_out.dtype)
+        for images, out_rows, in_rows, block in run:
+            count, pixels = images.stop - images.start, math.prod(block.out_hw)
+            grad_cols = buffer[: column_rows * count * pixels].reshape(column_rows, -1)
+            np.matmul(weight_matrix_t, _as_columns(grad_out[images, :, out_rows]),
+                      out=grad_cols)
+            col2im(grad_cols.reshape(column_rows, count, pixels).transpose(1, 0, 2), block,
+                   out=grad_x_pad[images, :, in_rows], overwrite=tiled)
+
+    if tiled:  # the blocks write disjoint rows: shares may run at once
+        _in_shares(blocks, work)
+    else:  # neighbouring blocks add onto the same rows
+        work(0, blocks)
     return crop2d(grad_x_pad, geometry)
 
 
@@ -442,10 +510,19 @@ def _gradients_from_gradient_columns(grad_out, x, weight, carried_back: ConvGeom
     c_out, c_in, kh, kw = weight.shape
     flipped_matrix_t = _flipped_rows(weight).T  # (C_in, C_out*kH*kW), a transposed view
     grad_x = np.empty_like(x)
-    grad_w_flipped = _scratch_array("weight_gradient", (c_out * kh * kw, c_in), x.dtype)
-    for index, (images, rows, gcols) in enumerate(_column_blocks(grad_out, carried_back)):
-        _matmul_into(flipped_matrix_t, gcols, grad_x[images, :, rows])
-        gemm(gcols, _as_columns(x[images, :, rows]).T, grad_w_flipped, accumulate=index > 0)
+    grad_out_padded, blocks, size = _column_blocks(grad_out, carried_back)
+
+    def work(share, run):
+        grad_w_flipped = _scratch_array(f"weight_gradient_{share}", (c_out * kh * kw, c_in),
+                                        x.dtype)
+        for index, (images, rows, gcols) in enumerate(
+                _columns(grad_out_padded, carried_back, run, size)):
+            _matmul_into(flipped_matrix_t, gcols, grad_x[images, :, rows])
+            gemm(gcols, _as_columns(x[images, :, rows]).T, grad_w_flipped,
+                 accumulate=index > 0)
+        return grad_w_flipped
+
+    grad_w_flipped = _summed(_in_shares(blocks, work))
     grad_w = grad_w_flipped.reshape(c_out, kh, kw, c_in)[:, ::-1, ::-1].transpose(0, 3, 1, 2)
     return grad_x, np.ascontiguousarray(grad_w)
 

@@ -1,0 +1,82 @@
+"""Work shared out to threads, each running BLAS on one thread.
+
+BLAS spreads a single matrix product over its threads; NumPy runs everything else (copies,
+elementwise passes) on one. A kernel that makes many products and copies can instead give
+each thread its own share of the work, products and copies together, with BLAS kept to one
+thread per product: then every core is busy all the time, not only during the products.
+Two threads of NumPy next to OpenBLAS's own threads would gain nothing: after a product
+OpenBLAS's threads keep spinning for a while, waiting for the next one, and take the cores.
+
+:func:`run_at_once` runs such shares; :func:`share_count` says how many to make (as many as
+BLAS would use, so a limit set with ``threadpoolctl`` holds here too); :func:`split` cuts a
+range into contiguous runs. Within a share the count is 1, so work nested inside a share
+(a kernel called by a thread of :class:`minunet.parallel.BatchSplit`) runs serially.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from minunet.functional.blas import blas_threads, single_threaded_blas
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+_share = threading.local()  # .running: this thread is running a share right now
+
+
+def share_count() -> int:
+    """How many threads to share work out to: as many as BLAS runs a product on (1 within
+    a share)."""
+    return 1 if getattr(_share, "running", False) else blas_threads()
+
+
+def split(total: int, parts: int) -> list[slice]:
+    """``range(total)`` cut into at most ``parts`` contiguous runs of about equal length
+    (no empty run)."""
+    parts = max(1, min(parts, total))
+    bounds = [round(i * total / parts) for i in range(parts + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def _workers(count: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool_size < count:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(count, thread_name_prefix="minunet")
+            _pool_size = count
+        return _pool
+
+
+def _as_share(task):
+    def run():
+        _share.running = True
+        try:
+            return task()
+        finally:
+            _share.running = False
+    return run
+
+
+def run_at_once(tasks) -> list:
+    """Call every task (no arguments) at the same time, the first in this thread and each
+    other in a worker thread, with BLAS on one thread; their results, in order. Waits for
+    every task before raising the first error. One task, or tasks given from within a
+    share, run one after the other here, as they are."""
+    tasks = list(tasks)
+    if len(tasks) == 1 or getattr(_share, "running", False):
+        return [task() for task in tasks]
+    pool = _workers(len(tasks) - 1)
+    with single_threaded_blas():
+        futures = [pool.submit(_as_share(task)) for task in tasks[1:]]
+        try:
+            first = _as_share(tasks[0])()
+        finally:
+            errors = [future.exception() for future in futures]
+    for error in errors:
+        if error is not None:
+            raise error
+    return [first, *(future.result() for future in futures)]
