@@ -24,6 +24,7 @@ minunet network and :class:`minunet.torch_reference.TorchUNet` share one state-d
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -32,6 +33,7 @@ from minunet import functional as F
 from minunet import shapes
 from minunet.backend import get_array_module, is_cupy_array, to_device
 from minunet.checks import float_dtype
+from minunet.functional import threads
 
 
 def he_normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: float, dtype) -> np.ndarray:
@@ -534,7 +536,25 @@ class CropConcat(Module):
         xp = get_array_module(skip, up)
         rows, cols = self.crop_window(skip.shape[2:], up.shape[2:])
         self._cache = (skip.shape, skip.dtype)
-        return xp.concatenate([skip[:, :, rows, cols], up], axis=1)
+        parts = (skip[:, :, rows, cols], up)
+        if xp is not np:
+            return xp.concatenate(parts, axis=1)
+        out = np.empty((up.shape[0], skip.shape[1] + up.shape[1], *up.shape[2:]),
+                       dtype=np.result_type(*parts))
+
+        def copy(channels):  # a run of the output's channels, from either part
+            start = 0
+            for part in parts:
+                first = max(channels.start, start)
+                last = min(channels.stop, start + part.shape[1])
+                if first < last:
+                    out[:, first:last] = part[:, first - start : last - start]
+                start += part.shape[1]
+
+        shares = threads.share_count() if out.size >= threads.ELEMENTWISE_MIN_SIZE else 1
+        threads.run_at_once(functools.partial(copy, run)
+                            for run in threads.split(out.shape[1], shares))
+        return out
 
     def backward(self, grad_out):
         skip_shape, skip_dtype = self._take_cache(self._cache)

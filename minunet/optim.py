@@ -12,10 +12,13 @@ state arrays keyed ``"<name>.<index>"`` (index into the parameter list), which
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from minunet.backend import get_array_module, is_cupy_array, to_device
 from minunet.cuda import ops
+from minunet.functional import threads
 from minunet.nn import Parameter
 
 
@@ -48,8 +51,21 @@ class Optimizer:
 
     def zero_grad(self) -> None:
         """Set every parameter's gradient to zero."""
-        for p in self.params:
-            p.grad[...] = 0
+        def zero(run):
+            for p in self.params[run]:
+                p.grad[...] = 0
+
+        self._by_runs(zero)
+
+    def _by_runs(self, work) -> None:
+        """``work(run)`` for runs of consecutive parameters: on the CPU one run per thread
+        BLAS would use, of about equal size, at once (every update is a pass over memory
+        that NumPy makes on one core); on the GPU one run of all."""
+        if is_cupy_array(self.params[0].data):
+            work(slice(None))
+            return
+        runs = threads.runs_by_size((p.data.size for p in self.params), threads.share_count())
+        threads.run_at_once(functools.partial(work, run) for run in runs)
 
     def _gradient(self, p: Parameter):
         """dL/dp plus the L2 term ``weight_decay * p`` (PyTorch's ``weight_decay``)."""
@@ -58,8 +74,12 @@ class Optimizer:
     def step(self) -> None:
         """One update of every parameter from its current ``.grad``."""
         self.step_count += 1
-        for index, p in enumerate(self.params):
-            self._update(index, p)
+
+        def update(run):
+            for index in range(len(self.params))[run]:
+                self._update(index, self.params[index])
+
+        self._by_runs(update)
 
     def _update(self, index: int, p: Parameter) -> None:
         raise NotImplementedError

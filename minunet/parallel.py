@@ -20,11 +20,11 @@ network as it is.
 from __future__ import annotations
 
 import copy
-import math
+import functools
 
 import numpy as np
 
-from minunet.functional.threads import run_at_once, share_count, split
+from minunet.functional.threads import run_at_once, runs_by_size, share_count, split
 from minunet.nn import BatchNorm2d, Dropout, Module
 
 
@@ -139,16 +139,11 @@ class BatchSplit:
         """Add the replicas' gradients into ``net``'s, the parameters dealt out to the
         threads in runs of about equal size (each addition a pass over memory)."""
         columns = list(zip(*(n.parameters() for n in networks), strict=True))
-        total = sum(column[0].grad.size for column in columns)
-        groups = [[] for _ in networks]
-        done = 0
-        for column in columns:
-            groups[min(len(groups) - 1, math.floor(done * len(groups) / total))].append(column)
-            done += column[0].grad.size
 
-        def add(group):
-            for main, *replicas in group:
+        def add(run):
+            for main, *replicas in columns[run]:
                 for replica in replicas:
                     main.grad += replica.grad
 
-        run_at_once([lambda g=g: add(g) for g in groups])
+        runs = runs_by_size((column[0].grad.size for column in columns), len(networks))
+        run_at_once(functools.partial(add, run) for run in runs)

@@ -625,6 +625,8 @@ def test_blocks_shared_out_to_threads_match_torch(seed, shares, monkeypatch):
     ((1, 8, 19, 17), (8, 8, 3, 3), "valid"),  # one unpadded image: read where it lies
     ((3, 16, 9, 10), (8, 16, 3, 3), "same"),  # backward from gradient columns
     ((2, 8, 7, 6), (4, 8, 1, 1), 0),  # pointwise, one image per block
+    ((1, 8, 7, 6), (4, 8, 1, 1), 0),  # pointwise, one block: shared out by rows
+    ((2, 8, 4, 4), (16, 8, 3, 3), "same"),  # small maps: im2col, one block
 ])
 def test_unet_convolutions_shared_out_to_threads_match_torch(x_shape, weight_shape, padding,
                                                              shares, rng):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import minunet.functional as mf
+from minunet.functional import threads
 
 
 def random_pool_case(seed, *, small, integer_valued):
@@ -32,10 +33,13 @@ def torch_pool(x, grad_seed, kwargs):
     return out.detach().numpy(), indices.numpy(), grad_out, tx.grad.numpy()
 
 
+@pytest.mark.parametrize("shares", [1, 3], ids=["one thread", "three shares"])
 @pytest.mark.parametrize("integer_valued", [False, True], ids=["distinct", "ties"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("seed", range(25))
-def test_fast_max_pool_matches_torch(seed, dtype, integer_valued):
+def test_fast_max_pool_matches_torch(seed, dtype, integer_valued, shares, monkeypatch):
+    monkeypatch.setattr(threads, "blas_threads", lambda: shares)  # channels shared out
+    monkeypatch.setattr(threads, "ELEMENTWISE_MIN_SIZE", 1)
     x, kwargs = random_pool_case(seed, small=False, integer_valued=integer_valued)
     out, indices, grad_out, grad_x = torch_pool(x, seed, kwargs)
     x, grad_out = x.astype(dtype), grad_out.astype(dtype)

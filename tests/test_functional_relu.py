@@ -1,4 +1,5 @@
-"""The ReLU's gradient against PyTorch's, special values included."""
+"""The ReLU and its gradient against PyTorch's, special values included, also with the
+passes shared out to threads."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from minunet.functional import relu_backward
+from minunet.functional import relu_backward, threads
+
+
+@pytest.fixture(autouse=True, params=[1, 3], ids=["one thread", "three shares"])
+def shares(request, monkeypatch):
+    """Every test once as is and once with the passes shared out to three threads, runs of
+    a few elements each."""
+    monkeypatch.setattr(threads, "blas_threads", lambda: request.param)
+    monkeypatch.setattr(threads, "ELEMENTWISE_MIN_SIZE", 1)
+    return request.param
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -19,6 +19,19 @@ def test_split_covers_the_range_in_contiguous_nonempty_runs(total, parts):
     assert min(lengths) >= 1 and max(lengths) - min(lengths) <= 1
 
 
+@pytest.mark.parametrize(("sizes", "parts"), [([5, 1, 1, 1, 1, 1], 2), ([1] * 7, 3),
+                                             ([9, 9], 5), ([4], 2), ([1, 1, 8, 1, 1], 3)])
+def test_runs_by_size_are_consecutive_nonempty_and_about_equal(sizes, parts):
+    runs = threads.runs_by_size(sizes, parts)
+    assert len(runs) == min(parts, len(sizes))
+    assert [i for run in runs for i in range(len(sizes))[run]] == list(range(len(sizes)))
+    totals = [sum(sizes[run]) for run in runs]
+    # no run could hand its last item to the next one and come closer to an equal share
+    share = sum(sizes) / len(runs)
+    for run, total in zip(runs[:-1], totals[:-1], strict=True):
+        assert run.stop > run.start and total - sizes[run.stop - 1] < share
+
+
 def test_shares_run_at_once_on_different_threads_with_one_blas_thread():
     both_started = threading.Barrier(3, timeout=10)  # fails if the shares ran in turn
 

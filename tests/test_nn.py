@@ -174,9 +174,15 @@ def test_dropout_layer(rng, device):
         nn.Dropout(1.0)
 
 
+@pytest.mark.parametrize("shares", [1, 3, 9], ids=["one thread", "3 shares", "9 shares"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("skip_hw, up_hw", [((9, 8), (4, 4)), ((7, 6), (7, 3)), ((5, 5), (2, 4))])
-def test_crop_concat_with_odd_and_even_crops(rng, device, skip_hw, up_hw):
+def test_crop_concat_with_odd_and_even_crops(rng, device, skip_hw, up_hw, shares, monkeypatch):
+    from minunet.functional import threads
+
+    # runs of the output's channels, some across the two parts, on several threads
+    monkeypatch.setattr(threads, "blas_threads", lambda: shares)
+    monkeypatch.setattr(threads, "ELEMENTWISE_MIN_SIZE", 1)
     layer = nn.CropConcat()
     skip = to_device(rng.standard_normal((2, 3, *skip_hw)), device)
     up = to_device(rng.standard_normal((2, 4, *up_hw)), device)

@@ -9,6 +9,7 @@ import torch.nn.functional as TF
 from _unet_oracle import assert_close_to, scale_of, twin_networks
 
 from minunet import losses, optim
+from minunet.functional import threads
 from minunet.nn import Parameter
 
 OPTIMIZERS = {
@@ -43,9 +44,12 @@ def _torch_loss(logits, target, weight):
     return (per_pixel * torch.from_numpy(weight)).mean()
 
 
+@pytest.mark.parametrize("shares", [1, 3], ids=["one thread", "three shares"])
 @pytest.mark.parametrize("name", ["sgd", "adam"])
-def test_twenty_unet_training_steps_match_torch(rng, name):
-    """Same initial weights, same batch, 20 steps: equal loss curves and final weights."""
+def test_twenty_unet_training_steps_match_torch(rng, name, shares, monkeypatch):
+    """Same initial weights, same batch, 20 steps: equal loss curves and final weights
+    (with three shares, the parameters are updated and zeroed in three runs at once)."""
+    monkeypatch.setattr(threads, "blas_threads", lambda: shares)
     ours_cls, torch_cls, kwargs = OPTIMIZERS[name]
     net, torch_net = twin_networks(in_channels=1, num_classes=2, depth=3, base_channels=4,
                                    batch_norm=True, dtype="float64", seed=13)

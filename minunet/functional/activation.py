@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from minunet.functional._dispatch import dispatch_on_array_type
+from minunet.functional.threads import elementwise
 
 
 def _check_out(out, reference_name: str, reference) -> None:
@@ -24,7 +25,12 @@ def relu(x, out=None):
     ``x``'s dtype, or ``out`` (same shape and dtype; ``x`` itself for an in-place ReLU,
     which saves an allocation and a pass over memory when nothing else needs ``x``)."""
     _check_out(out, "x", x)
-    return np.maximum(x, 0, out=out)
+    if not (x.flags.c_contiguous and (out is None or out.flags.c_contiguous)):
+        return np.maximum(x, 0, out=out)
+    if out is None:
+        out = np.empty_like(x)
+    elementwise(lambda part, out_part: np.maximum(part, 0, out=out_part), x, out)
+    return out
 
 
 @dispatch_on_array_type
@@ -48,8 +54,16 @@ def relu_backward(grad_out, x, out=None):
     # product would make NaN there). "Keep" is "not x <= 0", so that a NaN in x keeps its
     # gradient. The mask takes one byte per element, not four as an AND mask of all ones
     # or zeros would: 64x568x568 in 27 ms instead of 32 (15 ms written over grad_out).
-    keep = np.less_equal(x, 0)
-    np.logical_not(keep, out=keep)
     bits = np.dtype(f"i{grad_out.dtype.itemsize}")
-    np.multiply(grad_out.view(bits), keep, out=out.view(bits))
+
+    def part(grad_part, x_part, out_part):
+        keep = np.less_equal(x_part, 0)
+        np.logical_not(keep, out=keep)
+        np.multiply(grad_part.view(bits), keep, out=out_part.view(bits))
+
+    x = np.asarray(x)
+    if all(a.flags.c_contiguous and a.shape == grad_out.shape for a in (x, out)):
+        elementwise(part, grad_out, x, out)  # shared out to threads
+    else:
+        part(grad_out, x, out)
     return out

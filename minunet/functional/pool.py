@@ -17,6 +17,8 @@ Inputs are assumed to be free of ``-inf`` (which could tie with the padding).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from minunet.checks import (
@@ -24,8 +26,10 @@ from minunet.checks import (
     check_grad_out,
     max_pool2d_arguments,
 )
+from minunet.functional import threads
 from minunet.functional._dispatch import dispatch_on_array_type
 from minunet.functional.im2col import crop2d, pad2d, receptive_field, tap
+from minunet.functional.threads import run_at_once, share_count, split
 
 # --- Reference kernels ----------------------------------------------------------------------
 
@@ -75,13 +79,16 @@ def _taps(geometry: ConvGeometry):
     return [(a, b) for a in range(kh) for b in range(kw)]
 
 
-def _pool(x_pad, geometry: ConvGeometry, *, track_winner: bool):
+def _pool(x_pad, geometry: ConvGeometry, *, track_winner: bool, out=None):
     """Running maximum over the taps, and (if ``track_winner``) which tap won:
     (N, C, H_pad, W_pad) -> (out, winner), both (N, C, H_out, W_out), ``winner = a*kW + b``
     of the first tap in row-major window order that attains the maximum, or of the last NaN
-    (else ``None``)."""
+    (else ``None``). The maxima go into ``out`` when given."""
     first, *rest = _taps(geometry)
-    out = tap(x_pad, *first, geometry).copy()
+    if out is None:
+        out = tap(x_pad, *first, geometry).copy()
+    else:
+        out[...] = tap(x_pad, *first, geometry)
     taps_dtype = np.min_scalar_type(len(rest))  # uint8 for kernels up to 16x16: less traffic
     winner = np.zeros(out.shape, dtype=taps_dtype) if track_winner else None
     # NaN never compares greater, so a NaN tap must be told to win; checked only when needed
@@ -97,8 +104,9 @@ def _pool(x_pad, geometry: ConvGeometry, *, track_winner: bool):
     return out, winner
 
 
-def _flat_indices(winner, geometry: ConvGeometry):
-    """Tap indices -> PyTorch's indices: flat positions ``row*W + col`` in the unpadded input.
+def _flat_indices(winner, geometry: ConvGeometry, out):
+    """Tap indices -> PyTorch's indices, written into ``out`` (int64): flat positions
+    ``row*W + col`` in the unpadded input.
 
     Output pixel ``(i, j)`` and tap ``(a, b)`` read input pixel
     ``(i*s_h + a - top, j*s_w + b - left)``: a per-pixel part plus a per-tap offset.
@@ -107,7 +115,7 @@ def _flat_indices(winner, geometry: ConvGeometry):
     (h_out, w_out), width = geometry.out_hw, geometry.in_hw[1]
     window_corner = (np.arange(h_out)[:, None] * sh - top) * width + (np.arange(w_out) * sw - left)
     tap_offset = np.array([a * width + b for a, b in _taps(geometry)], dtype=np.int64)
-    return window_corner + tap_offset[winner]
+    np.add(window_corner, tap_offset[winner], out=out)
 
 
 @dispatch_on_array_type
@@ -130,8 +138,18 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, return_indices=False):
     """
     geometry = max_pool2d_arguments(x, kernel_size, stride, padding)
     x_pad = pad2d(x, geometry.padding, -np.inf)
-    out, winner = _pool(x_pad, geometry, track_winner=return_indices)
-    return (out, _flat_indices(winner, geometry)) if return_indices else out
+    out = np.empty((*x.shape[:2], *geometry.out_hw), dtype=x.dtype)
+    indices = np.empty(out.shape, dtype=np.int64) if return_indices else None
+
+    def pool(channels):  # the channels are independent: shared out to threads
+        _, winner = _pool(x_pad[:, channels], geometry, track_winner=return_indices,
+                          out=out[:, channels])
+        if return_indices:
+            _flat_indices(winner, geometry, out=indices[:, channels])
+
+    shares = share_count() if x.size >= threads.ELEMENTWISE_MIN_SIZE else 1
+    run_at_once(functools.partial(pool, c) for c in split(x.shape[1], shares))
+    return (out, indices) if return_indices else out
 
 
 @dispatch_on_array_type
