@@ -69,6 +69,7 @@ from tqdm import tqdm  # noqa: E402
 import minunet.functional  # noqa: E402
 import minunet.functional.blas as blas  # noqa: E402
 import minunet.functional.conv as conv_kernels  # noqa: E402
+import minunet.functional.threads as threads  # noqa: E402
 from minunet import UNet, losses, nn, optim  # noqa: E402
 from minunet.files import write_json  # noqa: E402
 from minunet.nn import Conv2d, ConvTranspose2d  # noqa: E402
@@ -92,6 +93,7 @@ CASES = [
 # last rung is minunet as it is, the batch split across threads (minunet/parallel.py), which
 # the rungs before it run without. Each rung names the replacements (module, attribute) that
 # switch off the optimisations not yet added.
+NO_SHARES = {(threads, "blas_threads"): lambda: 1}  # kernels run serially, BLAS on its threads
 NO_SHIFTED_PRODUCTS = {(conv_kernels, "_shifted_products_pay"): lambda x, geometry: False}
 NUMPY_GEMM = {(blas, "_GEMM"): {}}  # each product to a temporary, then added
 BRANCHING_RELU_GRADIENT = {
@@ -103,7 +105,7 @@ CACHES_KEPT = {(layer, "_clear_cache"): lambda self: None
                for layer in (nn._ConvolutionLayer, nn.ReLU, nn.MaxPool2d, nn.BatchNorm2d,
                              nn.CropConcat)}
 FRESH_SCRATCH = {(conv_kernels, "SCRATCH_MAX_BYTES"): 0}  # new flat arrays at every call
-LATER = {**CACHES_KEPT, **FRESH_SCRATCH}  # the rungs after the kernels' own
+LATER = {**CACHES_KEPT, **FRESH_SCRATCH, **NO_SHARES}  # the rungs after the kernels' own
 BEFORE_SHIFTED = {**NO_SHIFTED_PRODUCTS, **NUMPY_GEMM, **BRANCHING_RELU_GRADIENT, **LATER}
 LADDER = [
     ("im2col forward, col2im backward, one 64 MiB block",
@@ -117,9 +119,10 @@ LADDER = [
     ("+ BLAS adds each product in place (gemm, beta = 1)",
      {**BRANCHING_RELU_GRADIENT, **LATER}),
     ("+ a branch-free ReLU gradient", LATER),
-    ("+ backward frees each layer's cache once used", FRESH_SCRATCH),
-    ("+ fewer passes over memory (reused buffers, gradients in place)", {}),
-    ("+ the batch split across threads, one BLAS thread each", {}),
+    ("+ backward frees each layer's cache once used", {**FRESH_SCRATCH, **NO_SHARES}),
+    ("+ fewer passes over memory (reused buffers, gradients in place)", NO_SHARES),
+    ("+ each kernel's work shared out to threads, one BLAS thread each", {}),
+    ("+ the batch split across threads", {}),
 ]
 
 

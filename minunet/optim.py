@@ -64,7 +64,9 @@ class Optimizer:
         if is_cupy_array(self.params[0].data):
             work(slice(None))
             return
-        runs = threads.runs_by_size((p.data.size for p in self.params), threads.share_count())
+        sizes = [p.data.size for p in self.params]
+        shares = threads.share_count() if sum(sizes) >= threads.ELEMENTWISE_MIN_SIZE else 1
+        runs = threads.runs_by_size(sizes, shares)
         threads.run_at_once(functools.partial(work, run) for run in runs)
 
     def _gradient(self, p: Parameter):

@@ -600,11 +600,22 @@ def test_unet_layer_with_many_channels_float32(rng):
 
 @pytest.fixture(params=[2, 3])
 def shares(request, monkeypatch):
-    """Kernels share their work out to this many threads, whatever the machine's BLAS."""
+    """Kernels share their work out to this many threads, whatever the machine's BLAS and
+    however small the images."""
+    import minunet.functional.conv as conv_module
     from minunet.functional import threads
 
     monkeypatch.setattr(threads, "blas_threads", lambda: request.param)
+    monkeypatch.setattr(conv_module, "SHARE_MIN_MULTIPLY_ADDS", 1)
     return request.param
+
+
+def test_small_kernels_run_in_the_calling_thread(shares, monkeypatch):
+    import minunet.functional.conv as conv_module
+
+    monkeypatch.setattr(conv_module, "SHARE_MIN_MULTIPLY_ADDS", 1000)
+    assert conv_module._shares(1000) == shares
+    assert conv_module._shares(999) == 1
 
 
 @pytest.mark.parametrize("seed", range(440, 446))

@@ -50,6 +50,7 @@ def test_twenty_unet_training_steps_match_torch(rng, name, shares, monkeypatch):
     """Same initial weights, same batch, 20 steps: equal loss curves and final weights
     (with three shares, the parameters are updated and zeroed in three runs at once)."""
     monkeypatch.setattr(threads, "blas_threads", lambda: shares)
+    monkeypatch.setattr(threads, "ELEMENTWISE_MIN_SIZE", 1)
     ours_cls, torch_cls, kwargs = OPTIMIZERS[name]
     net, torch_net = twin_networks(in_channels=1, num_classes=2, depth=3, base_channels=4,
                                    batch_norm=True, dtype="float64", seed=13)

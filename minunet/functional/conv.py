@@ -142,6 +142,11 @@ SHIFTED_MIN_USEFUL = 0.7
 # each up to this size (larger ones are allocated and dropped each time): a bounded amount,
 # held per thread.
 SCRATCH_MAX_BYTES = 128 * 2**20
+# Kernels smaller than this (multiply-adds of one product, about 0.1 ms on one core) run in
+# the calling thread: starting the shares takes about as long (0.1 ms for each of a
+# convolution's three passes; the deep layers of a U-Net on a 188x188 tile took two to four
+# times as long in shares).
+SHARE_MIN_MULTIPLY_ADDS = 2**23
 _scratch = threading.local()
 # The tiles of _transposed: about this many bytes, read across while they are in cache.
 TRANSPOSE_TILE_BYTES = 128 * 2**10
@@ -260,6 +265,12 @@ def _columns(x_padded, geometry: ConvGeometry, blocks, size):
         yield images, out_rows, cols.reshape(column_rows, -1)
 
 
+def _shares(multiply_adds: int) -> int:
+    """How many shares to deal a kernel's work out to: as many as BLAS has threads, unless
+    its products hold fewer than :data:`SHARE_MIN_MULTIPLY_ADDS` multiply-adds."""
+    return share_count() if multiply_adds >= SHARE_MIN_MULTIPLY_ADDS else 1
+
+
 def _in_shares(blocks, work, shares: int) -> list:
     """``work(share, run)`` for runs of consecutive ``blocks``, one run per share of the
     work, at once (:func:`~minunet.functional.threads.run_at_once`); the results in order.
@@ -335,7 +346,9 @@ def _column_products(x, geometry: ConvGeometry, weight=None, grad_out=None):
                      accumulate=index > 0)
         return transposed
 
-    shares = share_count()
+    columns = x.shape[1] * math.prod(geometry.kernel_size)
+    rows_out = weight.shape[0] if weight is not None else grad_out.shape[1]
+    shares = _shares(x.shape[0] * math.prod(geometry.out_hw) * columns * rows_out)
     if len(blocks) == 1 < shares:
         ((images, rows, cols),) = _columns(x_padded, geometry, blocks, size)
         products = []
@@ -410,7 +423,7 @@ def _correlate_by_shifted_products(x, taps, geometry: ConvGeometry, bias=None):
     c_out = taps.shape[1]
     shifts = [a * dh * w_pad + b * dw for a in range(kh) for b in range(kw)]
     positions = batch * h_pad * w_pad
-    shares = share_count()
+    shares = _shares(batch * h_out * w_out * c_in * kh * kw * c_out)
     if batch == 1 and (h_pad, w_pad) == (h, w):
         x_flat = x.reshape(c_in, h * w)  # a view when x is contiguous
         length = (h_out - 1) * w_pad + w_out  # flat positions beyond are junk, never read
@@ -490,7 +503,7 @@ def _input_gradient(grad_out, weight, geometry: ConvGeometry):
             col2im(grad_cols.reshape(column_rows, count, pixels).transpose(1, 0, 2), block,
                    out=grad_x_pad[images, :, in_rows], overwrite=tiled)
 
-    shares = share_count()
+    shares = _shares(batch * math.prod(geometry.out_hw) * c_out * column_rows)
     if len(blocks) == 1 < shares:  # one block, shared out by input channels
         ((images, out_rows, in_rows, block),) = blocks
         count, pixels = images.stop - images.start, math.prod(block.out_hw)
@@ -577,7 +590,7 @@ def _gradients_from_gradient_columns(grad_out, x, weight, carried_back: ConvGeom
                  accumulate=index > 0)
         return grad_w_flipped
 
-    shares = share_count()
+    shares = _shares(x.shape[0] * math.prod(x.shape[2:]) * c_out * kh * kw * c_in)
     if len(blocks) == 1 < shares:
         ((images, rows, gcols),) = _columns(grad_out_padded, carried_back, blocks, size)
         grad_w_flipped = _scratch_array("weight_gradient_0", (c_out * kh * kw, c_in), x.dtype)
