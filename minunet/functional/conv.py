@@ -142,11 +142,12 @@ SHIFTED_MIN_USEFUL = 0.7
 # each up to this size (larger ones are allocated and dropped each time): a bounded amount,
 # held per thread.
 SCRATCH_MAX_BYTES = 128 * 2**20
-# Kernels smaller than this (multiply-adds of one product, about 0.1 ms on one core) run in
-# the calling thread: starting the shares takes about as long (0.1 ms for each of a
-# convolution's three passes; the deep layers of a U-Net on a 188x188 tile took two to four
-# times as long in shares).
-SHARE_MIN_MULTIPLY_ADDS = 2**23
+# Kernels smaller than this (multiply-adds of one product, about 1 ms on one core) run in
+# the calling thread. Starting the shares costs about 0.1 ms for each of a convolution's
+# three passes, and small layers gain less than that: the deep layers of a 16-channel U-Net
+# on a 188x188 tile took two to four times as long in shares, and its training step 70 ms
+# instead of 48 with every layer shared out.
+SHARE_MIN_MULTIPLY_ADDS = 2**27
 _scratch = threading.local()
 # The tiles of _transposed: about this many bytes, read across while they are in cache.
 TRANSPOSE_TILE_BYTES = 128 * 2**10

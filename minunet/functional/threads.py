@@ -101,9 +101,9 @@ def run_at_once(tasks) -> list:
     return [first, *(future.result() for future in futures)]
 
 
-# An elementwise pass is shared out only from this many elements on: below, starting the
-# threads takes longer than the pass (about 0.1 ms for two).
-ELEMENTWISE_MIN_SIZE = 2**18
+# An elementwise pass is shared out only from this many elements on (a pass of about 1 ms):
+# below, starting the threads (about 0.1 ms for two) takes too large a part of the gain.
+ELEMENTWISE_MIN_SIZE = 2**20
 
 
 def elementwise(function, *arrays) -> None:
