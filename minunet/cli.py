@@ -168,11 +168,14 @@ def train_outputs(args) -> tuple[Path, Path]:
 def require_training_memory(net, args) -> None:
     """Refuse (MemoryError, one line) a training run whose estimated peak memory
     (:meth:`minunet.UNet.training_memory_bytes`) exceeds what is available."""
+    from minunet.functional.threads import share_count
     from minunet.unet import require_memory
 
     tile = net.input_size_for_output(args.tile_size)
+    # training splits the batch across threads, one replica's gradients per extra share
     needed = net.training_memory_bytes(tile, args.batch_size,
-                                       optimizer_slots=2 if args.optimizer == "adam" else 1)
+                                       optimizer_slots=2 if args.optimizer == "adam" else 1,
+                                       shares=min(args.batch_size, share_count()))
     require_memory(needed, f"training steps on {args.batch_size} tiles of {tile}x{tile} with "
                            f"--depth {args.depth} --base-channels {args.base_channels}",
                    net.device)

@@ -337,12 +337,14 @@ class UNet(Module):
         )
 
     def training_memory_bytes(self, input_size: int, batch: int,
-                              optimizer_slots: int = 2) -> int:
+                              optimizer_slots: int = 2, shares: int = 1) -> int:
         """Estimated peak memory (bytes) of one training step on (batch, C, input_size,
         input_size) tiles: the layers' cached outputs (the summed activations of
         :meth:`summary_table`) and half as much again for the gradients in flight, the
         largest convolution's im2col matrix, and the weights with their gradients and
-        ``optimizer_slots`` more arrays of their size (Adam: 2, SGD with momentum: 1).
+        ``optimizer_slots`` more arrays of their size (Adam: 2, SGD with momentum: 1), and
+        one more set of gradients for each share of the batch beyond the first
+        (:class:`minunet.parallel.BatchSplit`).
         Measured peaks (tracemalloc) of small networks lie up to a factor 2 below it."""
         table = self.summary_table(input_size, batch)
         im2col = max(row["bytes"] // max(row["output_shape"][1], 1) *
@@ -351,7 +353,8 @@ class UNet(Module):
                          table.input_shape), strict=True)
                      if isinstance(layer, Conv2d))
         weights = table.total_params * self.dtype.itemsize
-        return 3 * table.activation_bytes // 2 + im2col + (2 + optimizer_slots) * weights
+        arrays_of_weights = 2 + optimizer_slots + max(shares - 1, 0)
+        return 3 * table.activation_bytes // 2 + im2col + arrays_of_weights * weights
 
     def summary(self, input_size: int = 572, batch: int = 1) -> str:
         """The :meth:`summary_table` as a printable table."""

@@ -361,3 +361,34 @@ def test_training_memory_estimate_bounds_the_measured_peak(rng):
     existing = 4 * sum(p.data.nbytes for p in net.parameters())
     estimate = net.training_memory_bytes(64, 4)
     assert peak + existing <= estimate <= 3 * (peak + existing)
+
+
+def test_training_memory_estimate_counts_the_replicas_of_a_split_batch(rng):
+    from minunet.parallel import BatchSplit
+
+    net = UNet(depth=3, base_channels=8, padding="same", seed=0)
+    split = BatchSplit(net, threads=2)
+    optimizer = Adam(net.parameters(), lr=1e-3)
+    x = rng.random((4, 1, 64, 64), dtype=np.float32)
+    target = rng.integers(0, 2, (4, 64, 64))
+
+    def step():
+        split.zero_grad()
+        _, grad = losses.softmax_cross_entropy(split.forward(x), target)
+        split.backward(grad)
+        optimizer.step()
+
+    step()  # the optimizer's state and the replica exist from now on
+    for module in net.modules():
+        module._clear_cache()
+    tracemalloc.start()
+    try:
+        step()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # weights, gradients, Adam's two moments and the replica's gradients came before
+    existing = 5 * sum(p.data.nbytes for p in net.parameters())
+    estimate = net.training_memory_bytes(64, 4, shares=2)
+    assert estimate - net.training_memory_bytes(64, 4) == existing // 5  # one replica
+    assert peak + existing <= estimate
