@@ -336,27 +336,34 @@ def test_a_network_too_large_for_the_memory_is_refused_before_allocating(monkeyp
         UNet(depth=12, base_channels=8)
 
 
-def test_training_memory_estimate_bounds_the_measured_peak(rng):
-    net = UNet(depth=3, base_channels=8, padding="same", batch_norm=True, seed=0)
+def _peak_of_a_training_step(net, runner, rng) -> int:
+    """The most memory (bytes, tracemalloc) one Adam step of ``runner`` (the network or a
+    BatchSplit of it) allocates on four 64x64 tiles, measured on the second step: the
+    optimizer's state (and any replica) exists from the first one on."""
     optimizer = Adam(net.parameters(), lr=1e-3)
     x = rng.random((4, 1, 64, 64), dtype=np.float32)
     target = rng.integers(0, 2, (4, 64, 64))
 
     def step():
-        net.zero_grad()
-        _, grad = losses.softmax_cross_entropy(net.forward(x), target)
-        net.backward(grad)
+        runner.zero_grad()
+        _, grad = losses.softmax_cross_entropy(runner.forward(x), target)
+        runner.backward(grad)
         optimizer.step()
 
-    step()  # the optimizer's state exists from now on
+    step()
     for module in net.modules():
         module._clear_cache()
     tracemalloc.start()
     try:
         step()
-        peak = tracemalloc.get_traced_memory()[1]
+        return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def test_training_memory_estimate_bounds_the_measured_peak(rng):
+    net = UNet(depth=3, base_channels=8, padding="same", batch_norm=True, seed=0)
+    peak = _peak_of_a_training_step(net, net, rng)
     # weights, gradients and Adam's two moments were allocated before the measurement
     existing = 4 * sum(p.data.nbytes for p in net.parameters())
     estimate = net.training_memory_bytes(64, 4)
@@ -367,26 +374,7 @@ def test_training_memory_estimate_counts_the_replicas_of_a_split_batch(rng):
     from minunet.parallel import BatchSplit
 
     net = UNet(depth=3, base_channels=8, padding="same", seed=0)
-    split = BatchSplit(net, threads=2)
-    optimizer = Adam(net.parameters(), lr=1e-3)
-    x = rng.random((4, 1, 64, 64), dtype=np.float32)
-    target = rng.integers(0, 2, (4, 64, 64))
-
-    def step():
-        split.zero_grad()
-        _, grad = losses.softmax_cross_entropy(split.forward(x), target)
-        split.backward(grad)
-        optimizer.step()
-
-    step()  # the optimizer's state and the replica exist from now on
-    for module in net.modules():
-        module._clear_cache()
-    tracemalloc.start()
-    try:
-        step()
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = _peak_of_a_training_step(net, BatchSplit(net, threads=2), rng)
     # weights, gradients, Adam's two moments and the replica's gradients came before
     existing = 5 * sum(p.data.nbytes for p in net.parameters())
     estimate = net.training_memory_bytes(64, 4, shares=2)

@@ -333,12 +333,14 @@ def _column_products(x, geometry: ConvGeometry, weight=None, grad_out=None):
         weight_matrix = weight.reshape(weight.shape[0], -1)
         out = np.empty((x.shape[0], weight.shape[0], *geometry.out_hw), dtype=x.dtype)
     x_padded, blocks, size = _column_blocks(x, geometry)
+    columns = x.shape[1] * math.prod(geometry.kernel_size)  # K, the rows of each block
+    if grad_out is not None:
+        gradient_shape = (columns, grad_out.shape[1])  # the weight gradient, transposed
 
     def work(share, run):
         transposed = None
         if grad_out is not None:
-            shape = (x.shape[1] * math.prod(geometry.kernel_size), grad_out.shape[1])
-            transposed = _scratch_array(f"weight_gradient_{share}", shape, x.dtype)
+            transposed = _scratch_array(f"weight_gradient_{share}", gradient_shape, x.dtype)
         for index, (images, rows, cols) in enumerate(_columns(x_padded, geometry, run, size)):
             if out is not None:
                 _matmul_into(weight_matrix, cols, out[images, :, rows])
@@ -347,7 +349,6 @@ def _column_products(x, geometry: ConvGeometry, weight=None, grad_out=None):
                      accumulate=index > 0)
         return transposed
 
-    columns = x.shape[1] * math.prod(geometry.kernel_size)
     rows_out = weight.shape[0] if weight is not None else grad_out.shape[1]
     shares = _shares(x.shape[0] * math.prod(geometry.out_hw) * columns * rows_out)
     if len(blocks) == 1 < shares:
@@ -357,10 +358,9 @@ def _column_products(x, geometry: ConvGeometry, weight=None, grad_out=None):
             products.append((weight.shape[0], lambda part: _matmul_into(
                 weight_matrix[part], cols, out[images, part, rows])))
         if grad_out is not None:
-            shape = (cols.shape[0], grad_out.shape[1])
-            partials = [_scratch_array("weight_gradient_0", shape, x.dtype)]
+            partials = [_scratch_array("weight_gradient_0", gradient_shape, x.dtype)]
             grad_columns_t = _as_columns(grad_out[images, :, rows]).T
-            products.append((shape[0], lambda part: gemm(
+            products.append((columns, lambda part: gemm(
                 cols[part], grad_columns_t, partials[0][part])))
         _split_by_rows(shares, *products)
     else:
