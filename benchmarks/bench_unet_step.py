@@ -14,7 +14,8 @@ of the medians (the machine may be busy: alternating exposes both to the same lo
 timed step follows an untimed step of the same library, as in training. Each
 case also gives the convolutions' GFLOP/s next to the peak of a large float32 matrix
 product (sgemm) measured in the same process with the same threads, and ``--ladder``
-times minunet's step with its CPU optimisations added one at a time.
+times minunet's step with its CPU optimisations added one at a time, and every case also
+times minunet with NumPy's huge-page advice left on (:mod:`minunet.functional.process`).
 Writes ``benchmarks/results/unet_step_cpu.json``, with the peak memory of one minunet step
 (its arrays, with and without each layer's cache freed during backward); ``--profile`` adds
 a cProfile breakdown of one minunet step (where the time goes, by function).
@@ -69,6 +70,7 @@ from tqdm import tqdm  # noqa: E402
 import minunet.functional  # noqa: E402
 import minunet.functional.blas as blas  # noqa: E402
 import minunet.functional.conv as conv_kernels  # noqa: E402
+import minunet.functional.process as process  # noqa: E402
 import minunet.functional.threads as threads  # noqa: E402
 from minunet import UNet, losses, nn, optim  # noqa: E402
 from minunet.files import write_json  # noqa: E402
@@ -105,6 +107,10 @@ CACHES_KEPT = {(layer, "_clear_cache"): lambda self: None
                for layer in (nn._ConvolutionLayer, nn.ReLU, nn.MaxPool2d, nn.BatchNorm2d,
                              nn.CropConcat)}
 FRESH_SCRATCH = {(conv_kernels, "SCRATCH_MAX_BYTES"): 0}  # new flat arrays at every call
+# NumPy asks for huge pages for every array of 4 MiB or more, as it does outside minunet;
+# timed for every case next to minunet's step (it matters where the C library does not
+# keep feature maps for reuse: the paper's 572x572 tile)
+HUGE_PAGES = {(process, "_HUGE_PAGE_ADVICE"): None}
 LATER = {**CACHES_KEPT, **FRESH_SCRATCH, **NO_SHARES}  # the rungs after the kernels' own
 BEFORE_SHIFTED = {**NO_SHIFTED_PRODUCTS, **NUMPY_GEMM, **BRANCHING_RELU_GRADIENT, **LATER}
 LADDER = [
@@ -228,6 +234,19 @@ def peak_memory_mb(step) -> float:
         tracemalloc.stop()
 
 
+def huge_page_settings() -> dict:
+    """NumPy's huge-page advice outside minunet's passes, and Linux's transparent huge
+    pages (the bracketed word of each file is the mode in force)."""
+    settings = {"numpy_advice": bool(np._core.multiarray._get_madvise_hugepage())}
+    for name in ("enabled", "defrag"):
+        try:
+            with open(f"/sys/kernel/mm/transparent_hugepage/{name}") as file:
+                settings[f"linux_{name}"] = file.read().strip()
+        except OSError:
+            settings[f"linux_{name}"] = None
+    return settings
+
+
 def profile_step(step, top=12) -> str:
     profiler = cProfile.Profile()
     profiler.enable()
@@ -262,7 +281,8 @@ def main():
         ours_step = functools.partial(minunet_step, BatchSplit(net), sgd, x, target, weight)
         unsplit_step = functools.partial(minunet_step, net, sgd, x, target, weight)
         theirs_step = functools.partial(torch_step, torch_net, torch_sgd, *torch_data)
-        steps = {"minunet": ours_step, "torch": theirs_step}
+        steps = {"minunet": ours_step, "torch": theirs_step,
+                 "huge_pages": time_with(HUGE_PAGES, ours_step)}
         ladder = ARGS.ladder is not None and (not ARGS.ladder or case["name"] in ARGS.ladder)
         if ladder:
             steps.update({name: time_with(replacements, unsplit_step)
@@ -275,7 +295,14 @@ def main():
         print(f"{case['name']:>32}: minunet {ours * 1e3:8.1f} ms   torch {theirs * 1e3:8.1f} ms"
               f"   ratio {ours / theirs:5.2f}x   convolutions {flops / 1e9:.1f} GFLOP: "
               f"minunet {flops / ours / 1e9:.0f}, torch {flops / theirs / 1e9:.0f} GFLOP/s")
+        huge = medians["huge_pages"]
+        print(f"{'':>34}with NumPy's huge-page advice {huge * 1e3:8.1f} ms   ratio "
+              f"{huge / theirs:5.2f}x   (minunet's steps {min(times['minunet']):.3f}-"
+              f"{max(times['minunet']):.3f} s, with the advice {min(times['huge_pages']):.3f}-"
+              f"{max(times['huge_pages']):.3f} s)")
         result = {**case, "minunet_s": ours, "torch_s": theirs, "ratio": ours / theirs,
+                  "with_huge_pages": {"minunet_s": huge, "ratio": huge / theirs,
+                                      "times_s": times["huge_pages"]},
                   "convolution_gflop": flops / 1e9,
                   "minunet_gflops": flops / ours / 1e9, "torch_gflops": flops / theirs / 1e9,
                   "minunet_times_s": times["minunet"], "torch_times_s": times["torch"]}
@@ -307,7 +334,7 @@ def main():
                     "step right after an untimed step of its own",
         "blas": blas, "warnings": warnings, "sgemm_peak_gflops": peak,
         "load_average": {"before": load_before, "after": os.getloadavg()[0]},
-        "cpu_count": os.cpu_count(),
+        "cpu_count": os.cpu_count(), "huge_pages": huge_page_settings(),
         "numpy": np.__version__, "torch": torch.__version__,
         "python": sys.version.split()[0], "cases": results,
     })

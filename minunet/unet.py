@@ -30,6 +30,7 @@ import numpy as np
 from minunet import shapes
 from minunet.backend import available_memory_bytes, get_array_module
 from minunet.checks import float_dtype
+from minunet.functional.process import without_huge_pages
 from minunet.nn import (
     Conv2d,
     ConvTranspose2d,
@@ -233,6 +234,7 @@ class UNet(Module):
                 raise ValueError(f"input {axis}: " + self._size_message(n))
 
     # --- forward ---------------------------------------------------------------------------
+    @without_huge_pages()  # feature maps are fresh memory at every step: see that function
     def forward(self, x):
         """x (N, in_channels, H, W) -> logits (N, num_classes, H_out, W_out)."""
         self.check_input(x)
@@ -251,6 +253,7 @@ class UNet(Module):
         return self.head.forward(h)
 
     # --- backward, by hand -----------------------------------------------------------------
+    @without_huge_pages()
     def backward(self, grad_logits):
         """Back-propagate dL/d(logits); fill every parameter's ``.grad`` (accumulating) and
         return dL/dx of shape (N, in_channels, H, W).

@@ -22,9 +22,10 @@ import contextlib
 import ctypes
 import glob
 import os
-import threading
 
 import numpy as np
+
+from minunet.functional.process import HeldSetting
 
 _ROW_MAJOR, _NO_TRANSPOSE, _TRANSPOSE = 101, 111, 112  # CBLAS enumeration values
 
@@ -65,9 +66,7 @@ def _load_numpy_openblas() -> tuple[dict, dict]:
 
 
 _GEMM, _THREADS = _load_numpy_openblas()
-# Callers inside single_threaded_blas, counted so that the outermost one restores the count.
-_single_threaded = {"callers": 0, "saved": None}
-_single_threaded_lock = threading.Lock()
+_ONE_THREAD = HeldSetting(_THREADS["get"], _THREADS["set"], 1) if _THREADS else None
 
 
 def blas_threads() -> int:
@@ -81,21 +80,11 @@ def single_threaded_blas():
     run several products at once from several threads. The count is OpenBLAS's own, for the
     whole process (its per-thread setting does not hold in NumPy's build); it is restored
     when the last block still open ends."""
-    if not _THREADS:
+    if _ONE_THREAD is None:
         yield
         return
-    with _single_threaded_lock:
-        if _single_threaded["callers"] == 0:
-            _single_threaded["saved"] = _THREADS["get"]()
-            _THREADS["set"](1)
-        _single_threaded["callers"] += 1
-    try:
+    with _ONE_THREAD.held():
         yield
-    finally:
-        with _single_threaded_lock:
-            _single_threaded["callers"] -= 1
-            if _single_threaded["callers"] == 0:
-                _THREADS["set"](_single_threaded["saved"])
 
 
 def direct_gemm_available() -> bool:
