@@ -11,6 +11,9 @@ product (sgemm), the practical peak of this machine for the convolutions. For ev
 convolution it also times the layer's three matrix products alone (``blas_ms``): the same
 multiply-adds as one BLAS call each, with no copies around them, in the fastest of the ways
 minunet can phrase them: how long NumPy's BLAS itself takes for the layer's arithmetic.
+Where the batch holds several images, each layer is also timed as training runs it
+(``split``: :class:`minunet.parallel.BatchSplit` gives each thread a share of the images,
+and each share's kernels run on one thread), against PyTorch on the whole batch.
 
     python benchmarks/bench_kernels.py                       # all U-Nets
     python benchmarks/bench_kernels.py --configs small --repeats 5
@@ -36,7 +39,8 @@ from tqdm import tqdm
 import minunet
 import minunet.functional as mf
 from minunet.files import write_json
-from minunet.functional.blas import gemm
+from minunet.functional.blas import blas_threads, gemm
+from minunet.functional.threads import run_at_once, split
 from minunet.shapes import unet_output_size
 
 CONFIGS = {  # name: (input edge, depth, base channels, batch, padding)
@@ -201,6 +205,18 @@ def minunet_calls(kind, x, weight, bias, kwargs):
             lambda: op_backward(grad_out, x, weight, **kwargs))
 
 
+def split_calls(kind, x, weight, bias, kwargs):
+    """(forward, backward) closures of minunet's kernels as training runs them on a batch
+    (:class:`minunet.parallel.BatchSplit`): a share of the images on each BLAS thread, each
+    share's kernels on one thread; None for a single image (training runs it unsplit)."""
+    shares = split(x.shape[0], blas_threads())
+    if len(shares) < 2:
+        return None
+    calls = [minunet_calls(kind, x[share], weight, bias, kwargs) for share in shares]
+    return (lambda: run_at_once(forward for forward, _ in calls),
+            lambda: run_at_once(backward for _, backward in calls))
+
+
 def torch_calls(kind, x, weight, bias, kwargs):
     """(forward, backward) closures of torch.nn.functional with autograd, on the same data."""
     inputs = [torch.from_numpy(a).requires_grad_() for a in (x, weight, bias) if a is not None]
@@ -256,6 +272,7 @@ def run_config(name, repeats, rng):
                                        dtype=np.float32)
         calls = [*minunet_calls(kind, x, weight, bias, kwargs),
                  *torch_calls(kind, x, weight, bias, kwargs)]
+        split_pair = split_calls(kind, x, weight, bias, kwargs)
         samples = timed_calls(calls, repeats)
         ms = [statistics.median(s) for s in samples]
         for _ in range(RETRIES):  # a far-off ratio is more often a busy spell than a result
@@ -265,6 +282,12 @@ def run_config(name, repeats, rng):
                 old.extend(new)
             ms = [statistics.median(s) for s in samples]
         ours, theirs = ms[:2], ms[2:]
+        split_ms = None
+        if split_pair is not None:  # timed after the others: its blocks alternate with torch's
+            split_samples = timed_calls([*split_pair, *calls[2:]], repeats)
+            split_ms = [statistics.median(s) for s in split_samples[:2]]
+            theirs = [statistics.median(a + b) for a, b in zip(samples[2:], split_samples[2:],
+                                                               strict=True)]
         rows.append({
             "layer": layer, "x_shape": list(x_shape),
             "weight_shape": None if w_shape is None else list(w_shape),
@@ -273,6 +296,9 @@ def run_config(name, repeats, rng):
             "minunet_forward_ms": ours[0], "torch_forward_ms": theirs[0],
             "minunet_backward_ms": ours[1], "torch_backward_ms": theirs[1],
             "ratio": sum(ours) / sum(theirs),
+            "minunet_split_forward_ms": None if split_ms is None else split_ms[0],
+            "minunet_split_backward_ms": None if split_ms is None else split_ms[1],
+            "split_ratio": None if split_ms is None else sum(split_ms) / sum(theirs),
             "blas_ms": blas_floor_ms(kind, x_shape, w_shape, kwargs.get("padding"), repeats,
                                      rng),
         })
@@ -283,23 +309,28 @@ def print_table(name, rows):
     print(f"\n{name}: {CONFIGS[name]} (input edge, depth, base channels, batch, padding), "
           "float32")
     header = (f"{'layer':<20} {'input':>18} {'fwd ms':>9} {'torch':>9} {'bwd ms':>9} "
-              f"{'torch':>9} {'ratio':>6} {'blas':>7}")
+              f"{'torch':>9} {'ratio':>6} {'blas':>7} {'split':>6}")
     print(header)
     print("-" * len(header))
     for r in rows:
         shape = "x".join(str(v) for v in r["x_shape"][1:])
         flag = "  > 3x" if r["ratio"] > 3 else ""
         floor = "" if r.get("blas_ms") is None else f"{r['blas_ms']:7.1f}"
+        split_ratio = "" if r.get("split_ratio") is None else f"{r['split_ratio']:6.2f}"
         print(f"{r['layer']:<20} {shape:>18} {r['minunet_forward_ms']:9.1f} "
               f"{r['torch_forward_ms']:9.1f} {r['minunet_backward_ms']:9.1f} "
-              f"{r['torch_backward_ms']:9.1f} {r['ratio']:6.2f} {floor:>7}{flag}")
+              f"{r['torch_backward_ms']:9.1f} {r['ratio']:6.2f} {floor:>7} {split_ratio:>6}"
+              f"{flag}")
     ours = sum(r["minunet_forward_ms"] + r["minunet_backward_ms"] for r in rows)
     theirs = sum(r["torch_forward_ms"] + r["torch_backward_ms"] for r in rows)
     floor = sum(r["blas_ms"] for r in rows if r.get("blas_ms") is not None)
     print(f"{'all layers':<20} {'':>18} {ours:>39.1f} ms vs {theirs:.1f} ms, "
           f"ratio {ours / theirs:.2f}; the convolutions' products alone {floor:.1f} ms")
-
-
+    if all(r.get("split_ratio") is not None for r in rows):
+        split_ms = sum(r["minunet_split_forward_ms"] + r["minunet_split_backward_ms"]
+                       for r in rows)
+        print(f"{'':<20} {'':>18} as training runs them (the batch split across the "
+              f"threads): {split_ms:.1f} ms, ratio {split_ms / theirs:.2f}")
 
 
 def main(argv=None):
