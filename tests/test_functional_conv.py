@@ -477,7 +477,7 @@ def test_tiny_edge_configurations(size, kernel, stride, dilation, padding, trans
 @pytest.mark.parametrize("backend", ["blas", "numpy"])
 @pytest.mark.parametrize("seed", range(440, 452))
 def test_shifted_products_match_torch(seed, block_columns, backend, monkeypatch):
-    """Forward and (with at least as many output as input channels) input gradient by shifted
+    """Forward and (with more output than input channels) input gradient by shifted
     products, on every stride-1 geometry: dilations, uneven and 'full' paddings, several
     images, blocks that cut through rows and images; with BLAS's gemm and without it."""
     import minunet.functional.blas as blas_module
@@ -503,8 +503,32 @@ def test_shifted_products_match_torch(seed, block_columns, backend, monkeypatch)
     torch_out, grad_out, grads = torch_forward_backward(
         F.conv2d, x, weight, bias, seed, **{**kwargs, "padding": torch_padding})
     check_against_torch(*FAST, np.float64, x, weight, bias, kwargs, torch_out, grad_out, grads)
-    backward_too = weight.shape[0] >= weight.shape[1] and _carries_back(weight, kwargs)
+    backward_too = weight.shape[0] > weight.shape[1] and _carries_back(weight, kwargs)
     assert len(calls) == 1 + backward_too
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "route"), [(8, 16, "shifted"), (8, 8, "columns"),
+                                                     (16, 8, "columns")])
+def test_backward_route_by_channels_matches_torch(c_in, c_out, route, monkeypatch):
+    """The input gradient goes by shifted products only with more output than input
+    channels; otherwise both gradients come from one im2col of grad_out (as large as x's
+    columns when the counts are equal). Either way the numbers are PyTorch's."""
+    import minunet.functional.conv as conv_module
+
+    routes = []
+    for name, label in (("_correlate_by_shifted_products", "shifted"),
+                        ("_gradients_from_gradient_columns", "columns")):
+        original = getattr(conv_module, name)
+        monkeypatch.setattr(conv_module, name, lambda *args, original=original, label=label:
+                            routes.append(label) or original(*args))
+    rng = np.random.default_rng(c_in + c_out)
+    x = rng.standard_normal((2, c_in, 12, 11))
+    weight, bias = rng.standard_normal((c_out, c_in, 3, 3)), rng.standard_normal(c_out)
+    torch_out, grad_out, grads = torch_forward_backward(F.conv2d, x, weight, bias, 3,
+                                                        padding="same")
+    check_against_torch(*FAST, np.float64, x, weight, bias, {"padding": "same"}, torch_out,
+                        grad_out, grads)
+    assert routes[1:] == [route]  # the first is the forward pass's shifted products
 
 
 @pytest.mark.parametrize("block_columns", [7, 4096])

@@ -25,7 +25,7 @@ defined: the backward pass from one im2col of grad_out
 (:func:`_gradients_from_gradient_columns`), and shifted products over the flattened padded
 images, summed in place by BLAS, that build no column matrix
 (:func:`_correlate_by_shifted_products`: the forward pass, and the input gradient where a
-layer has at least as many output as input channels). Column matrices are built block by
+layer has more output than input channels). Column matrices are built block by
 block, so the memory stays bounded (see ``BLOCK_PIXELS``), and the blocks are shared out to
 threads, copies and products together, each thread with one-thread BLAS
 (:mod:`~minunet.functional.threads`); each thread sums its own part of a weight gradient.
@@ -653,14 +653,18 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1):
     check_grad_out(grad_out, (x.shape[0], weight.shape[0], *geometry.out_hw), x)
     c_out, c_in = weight.shape[:2]
     carried_back = _gradient_geometry(geometry)
-    if carried_back is not None and c_out >= c_in and _shifted_products_pay(grad_out, carried_back):
-        # At least as many output as input channels: grad_out reaches the input grid by
-        # shifted products (the flipped kernel's convolution), and the weight gradient uses
-        # the columns of x, the smaller ones.
+    if carried_back is not None and c_out > c_in and _shifted_products_pay(grad_out, carried_back):
+        # More output than input channels: grad_out reaches the input grid by shifted
+        # products (the flipped kernel's convolution), and the weight gradient uses the
+        # columns of x, the smaller ones.
         grad_x = _correlate_by_shifted_products(grad_out, _flipped_taps(weight), carried_back)
         grad_weight = _weight_gradient(grad_out, x, geometry)
     elif carried_back is not None and c_out <= 2 * c_in:
-        # One im2col of grad_out serves both products, each with K = C_out*kH*kW.
+        # One im2col of grad_out serves both products, each with K = C_out*kH*kW. With as
+        # many output as input channels these columns are as large as x's, which the
+        # shifted route builds for its weight gradient anyway, on top of its own flat
+        # arrays: the 32-channel layer on four 128x128 maps 27.4 -> 22.2 ms, on 16x16 maps
+        # with 256 channels 18.5 -> 13.8 ms (the paper's layers within a few percent).
         grad_x, grad_weight = _gradients_from_gradient_columns(grad_out, x, weight, carried_back)
     else:
         grad_x = _input_gradient(grad_out, weight, geometry)
