@@ -508,16 +508,19 @@ def test_shifted_products_match_torch(seed, block_columns, backend, monkeypatch)
 
 
 @pytest.mark.parametrize(("c_in", "c_out", "route"), [(8, 16, "shifted"), (8, 8, "columns"),
-                                                     (16, 8, "columns")])
+                                                     (16, 8, "columns"), (1, 16, "col2im")])
 def test_backward_route_by_channels_matches_torch(c_in, c_out, route, monkeypatch):
     """The input gradient goes by shifted products only with more output than input
-    channels; otherwise both gradients come from one im2col of grad_out (as large as x's
-    columns when the counts are equal). Either way the numbers are PyTorch's."""
+    channels, and enough input channels for their rows; with as many or fewer output
+    channels both gradients come from one im2col of grad_out (as large as x's columns when
+    the counts are equal); a single input channel takes col2im. Either way the numbers
+    are PyTorch's."""
     import minunet.functional.conv as conv_module
 
     routes = []
     for name, label in (("_correlate_by_shifted_products", "shifted"),
-                        ("_gradients_from_gradient_columns", "columns")):
+                        ("_gradients_from_gradient_columns", "columns"),
+                        ("_input_gradient", "col2im")):
         original = getattr(conv_module, name)
         monkeypatch.setattr(conv_module, name, lambda *args, original=original, label=label:
                             routes.append(label) or original(*args))
@@ -528,7 +531,7 @@ def test_backward_route_by_channels_matches_torch(c_in, c_out, route, monkeypatc
                                                         padding="same")
     check_against_torch(*FAST, np.float64, x, weight, bias, {"padding": "same"}, torch_out,
                         grad_out, grads)
-    assert routes[1:] == [route]  # the first is the forward pass's shifted products
+    assert routes[-1] == route  # the input gradient's route, after the forward pass's
 
 
 @pytest.mark.parametrize("block_columns", [7, 4096])
