@@ -551,9 +551,8 @@ class CropConcat(Module):
                     out[:, first:last] = part[:, first - start : last - start]
                 start += part.shape[1]
 
-        shares = threads.share_count() if out.size >= threads.ELEMENTWISE_MIN_SIZE else 1
         threads.run_at_once(functools.partial(copy, run)
-                            for run in threads.split(out.shape[1], shares))
+                            for run in threads.split(out.shape[1], threads.pass_shares(out.size)))
         return out
 
     def backward(self, grad_out):

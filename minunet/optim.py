@@ -65,8 +65,7 @@ class Optimizer:
             work(slice(None))
             return
         sizes = [p.data.size for p in self.params]
-        shares = threads.share_count() if sum(sizes) >= threads.ELEMENTWISE_MIN_SIZE else 1
-        runs = threads.runs_by_size(sizes, shares)
+        runs = threads.runs_by_size(sizes, threads.pass_shares(sum(sizes)))
         threads.run_at_once(functools.partial(work, run) for run in runs)
 
     def _gradient(self, p: Parameter):

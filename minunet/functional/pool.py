@@ -26,10 +26,9 @@ from minunet.checks import (
     check_grad_out,
     max_pool2d_arguments,
 )
-from minunet.functional import threads
 from minunet.functional._dispatch import dispatch_on_array_type
 from minunet.functional.im2col import crop2d, pad2d, receptive_field, tap
-from minunet.functional.threads import run_at_once, share_count, split
+from minunet.functional.threads import pass_shares, run_at_once, split
 
 # --- Reference kernels ----------------------------------------------------------------------
 
@@ -147,7 +146,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, return_indices=False):
         if return_indices:
             _flat_indices(winner, geometry, out=indices[:, channels])
 
-    shares = share_count() if x.size >= threads.ELEMENTWISE_MIN_SIZE else 1
+    shares = pass_shares(x.size)
     run_at_once(functools.partial(pool, c) for c in split(x.shape[1], shares))
     return (out, indices) if return_indices else out
 

@@ -106,11 +106,17 @@ def run_at_once(tasks) -> list:
 ELEMENTWISE_MIN_SIZE = 2**20
 
 
+def pass_shares(size: int) -> int:
+    """How many shares to deal a pass over ``size`` elements out to: :func:`share_count`,
+    or 1 below :data:`ELEMENTWISE_MIN_SIZE`."""
+    return share_count() if size >= ELEMENTWISE_MIN_SIZE else 1
+
+
 def elementwise(function, *arrays) -> None:
     """``function(*parts)`` on matching runs of the flattened ``arrays`` (C-contiguous, of
     one size), one run per share of the work, all at once: an elementwise pass that writes
     into one of them, on every core instead of one."""
     size = arrays[0].size
-    shares = share_count() if size >= ELEMENTWISE_MIN_SIZE else 1
+    shares = pass_shares(size)
     flat = [a.reshape(-1) for a in arrays]
     run_at_once(lambda run=run: function(*(a[run] for a in flat)) for run in split(size, shares))
