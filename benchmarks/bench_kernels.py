@@ -13,7 +13,8 @@ multiply-adds as one BLAS call each, with no copies around them, in the fastest 
 minunet can phrase them: how long NumPy's BLAS itself takes for the layer's arithmetic.
 Where the batch holds several images, each layer is also timed as training runs it
 (``split``: :class:`minunet.parallel.BatchSplit` gives each thread a share of the images,
-and each share's kernels run on one thread), against PyTorch on the whole batch.
+and each share's kernels run on one thread), against PyTorch on the whole batch. minunet's
+kernels run as the U-Net's passes run them, without NumPy's huge-page advice.
 
     python benchmarks/bench_kernels.py                       # all U-Nets
     python benchmarks/bench_kernels.py --configs small --repeats 5
@@ -40,6 +41,7 @@ import minunet
 import minunet.functional as mf
 from minunet.files import write_json
 from minunet.functional.blas import blas_threads, gemm
+from minunet.functional.process import without_huge_pages
 from minunet.functional.threads import run_at_once, split
 from minunet.shapes import unet_output_size
 
@@ -193,16 +195,23 @@ def timed_calls(functions, repeats, min_seconds=0.25, max_calls=100, passes=2):
 
 
 def minunet_calls(kind, x, weight, bias, kwargs):
-    """(forward, backward) closures of minunet's kernels; the pool saves its indices."""
+    """(forward, backward) closures of minunet's kernels; the pool saves its indices.
+
+    Each call runs as the U-Net's passes run every kernel, without NumPy's huge-page advice
+    (:func:`~minunet.functional.process.without_huge_pages`): with it, a layer's fresh
+    output could wait for Linux to compact memory (the paper's top 64-channel layer, forward:
+    444 ms in one run against 132 ms in the others), a stall the U-Net never sees."""
     if kind == "pool":
         out, indices = mf.max_pool2d(x, return_indices=True, **kwargs)
         grad_out = np.ones_like(out)
-        return (lambda: mf.max_pool2d(x, return_indices=True, **kwargs),
-                lambda: mf.max_pool2d_backward(grad_out, x, indices=indices, **kwargs))
-    op, op_backward = OURS[kind]
-    grad_out = np.ones_like(op(x, weight, bias, **kwargs))
-    return (lambda: op(x, weight, bias, **kwargs),
-            lambda: op_backward(grad_out, x, weight, **kwargs))
+        calls = (lambda: mf.max_pool2d(x, return_indices=True, **kwargs),
+                 lambda: mf.max_pool2d_backward(grad_out, x, indices=indices, **kwargs))
+    else:
+        op, op_backward = OURS[kind]
+        grad_out = np.ones_like(op(x, weight, bias, **kwargs))
+        calls = (lambda: op(x, weight, bias, **kwargs),
+                 lambda: op_backward(grad_out, x, weight, **kwargs))
+    return tuple(without_huge_pages()(call) for call in calls)
 
 
 def split_calls(kind, x, weight, bias, kwargs):
@@ -237,6 +246,19 @@ def blas_description():
     return [{key: pool.get(key) for key in ("internal_api", "version", "architecture",
                                              "num_threads")}
             for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+def huge_page_settings() -> dict:
+    """NumPy's huge-page advice outside minunet's passes, and Linux's transparent huge
+    pages (the bracketed word of each file is the mode in force)."""
+    settings = {"numpy_advice": bool(np._core.multiarray._get_madvise_hugepage())}
+    for name in ("enabled", "defrag"):
+        try:
+            with open(f"/sys/kernel/mm/transparent_hugepage/{name}") as file:
+                settings[f"linux_{name}"] = file.read().strip()
+        except OSError:
+            settings[f"linux_{name}"] = None
+    return settings
 
 
 def equalise_threads(threads=None):
@@ -375,6 +397,7 @@ def main(argv=None):
         "threads": {"numpy_blas": blas_threads, "torch": torch_threads},
         "blas": blas,
         "sgemm_peak_gflops": peak,
+        "huge_pages": {**huge_page_settings(), "numpy_advice_in_minunet_calls": False},
         "load_average": {"before": load_before, "after": os.getloadavg()[0]},
         "warnings": warnings,
         "repeats": args.repeats,

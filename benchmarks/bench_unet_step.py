@@ -64,7 +64,11 @@ import tracemalloc  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as TF  # noqa: E402
-from bench_kernels import blas_description, sgemm_peak_gflops  # noqa: E402
+from bench_kernels import (  # noqa: E402
+    blas_description,
+    huge_page_settings,
+    sgemm_peak_gflops,
+)
 from tqdm import tqdm  # noqa: E402
 
 import minunet.functional  # noqa: E402
@@ -232,19 +236,6 @@ def peak_memory_mb(step) -> float:
         return tracemalloc.get_traced_memory()[1] / 2**20
     finally:
         tracemalloc.stop()
-
-
-def huge_page_settings() -> dict:
-    """NumPy's huge-page advice outside minunet's passes, and Linux's transparent huge
-    pages (the bracketed word of each file is the mode in force)."""
-    settings = {"numpy_advice": bool(np._core.multiarray._get_madvise_hugepage())}
-    for name in ("enabled", "defrag"):
-        try:
-            with open(f"/sys/kernel/mm/transparent_hugepage/{name}") as file:
-                settings[f"linux_{name}"] = file.read().strip()
-        except OSError:
-            settings[f"linux_{name}"] = None
-    return settings
 
 
 def profile_step(step, top=12) -> str:
