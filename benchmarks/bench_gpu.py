@@ -303,7 +303,7 @@ def training_step_case(cp, torch, size, batch, padding):
     def ours():
         net.zero_grad()
         _, grad = losses.softmax_cross_entropy(net.forward(gx), gt, gw)
-        net.backward(grad)
+        net.backward(grad, input_gradient=False)  # as PyTorch: the images need none
         optimizer.step()
 
     def theirs():

@@ -150,17 +150,20 @@ def switched_off(replacements):
 
 def convolution_flops(net, x_shape) -> int:
     """Multiply-adds x 2 of every convolution in one training step: the forward product and
-    the two backward ones (input and weight gradient) have the same count."""
-    shape, total = x_shape, 0
+    the two backward ones (input and weight gradient) have the same count, except that the
+    first layer computes no gradient for the images."""
+    shape, total, first = x_shape, 0, None
     for _, layer, out_shape in net._layer_shapes(x_shape):
         if isinstance(layer, Conv2d):
             kh, kw = layer.kernel_size
-            total += 2 * math.prod(out_shape) * layer.weight.shape[1] * kh * kw
+            flops = 2 * math.prod(out_shape) * layer.weight.shape[1] * kh * kw
+            first = flops if first is None else first
+            total += flops
         elif isinstance(layer, ConvTranspose2d):
             c_in, _, kh, kw = layer.weight.shape
             total += 2 * math.prod(shape[:1] + shape[2:]) * c_in * layer.weight.shape[1] * kh * kw
         shape = out_shape
-    return 3 * total
+    return 3 * total - first
 
 
 def make_case(case, seed=0):
@@ -181,7 +184,7 @@ def make_case(case, seed=0):
 def minunet_step(net, optimizer, x, target, weight):
     optimizer.zero_grad()
     loss, grad_logits = losses.softmax_cross_entropy(net.forward(x), target, weight)
-    net.backward(grad_logits)
+    net.backward(grad_logits, input_gradient=False)  # as PyTorch: the images need none
     optimizer.step()
     return float(loss)
 

@@ -234,17 +234,22 @@ class _ConvolutionLayer(Module):
         """The layer's forward kernel, called with the layer's geometry."""
         raise NotImplementedError
 
-    def _kernel_backward(self, grad_out, x, weight):
-        """The layer's backward kernel: ``(grad_x, grad_weight, grad_bias)``."""
+    def _kernel_backward(self, grad_out, x, weight, input_gradient):
+        """The layer's backward kernel: ``(grad_x, grad_weight, grad_bias)``, grad_x None
+        unless ``input_gradient``."""
         raise NotImplementedError
 
     def forward(self, x):
         self._x = x
         return self._kernel(x, self.weight.data, None if self.bias is None else self.bias.data)
 
-    def backward(self, grad_out):
+    def backward(self, grad_out, input_gradient: bool = True):
+        """Add the parameters' gradients to their ``.grad`` and return dL/dx, or, with
+        ``input_gradient=False``, None: nothing is computed for an input that is the data
+        (a network's first layer, in training)."""
         x = self._take_cache(self._x)
-        grad_x, grad_w, grad_b = self._kernel_backward(grad_out, x, self.weight.data)
+        grad_x, grad_w, grad_b = self._kernel_backward(grad_out, x, self.weight.data,
+                                                       input_gradient)
         self.weight.grad += grad_w
         if self.bias is not None:
             self.bias.grad += grad_b
@@ -276,8 +281,9 @@ class Conv2d(_ConvolutionLayer):
     def _kernel(self, x, weight, bias):
         return F.conv2d(x, weight, bias, padding=self.padding)
 
-    def _kernel_backward(self, grad_out, x, weight):
-        return F.conv2d_backward(grad_out, x, weight, padding=self.padding)
+    def _kernel_backward(self, grad_out, x, weight, input_gradient):
+        return F.conv2d_backward(grad_out, x, weight, padding=self.padding,
+                                 input_gradient=input_gradient)
 
     def output_shape(self, input_shape):
         n, _, h, w = input_shape
@@ -313,8 +319,9 @@ class ConvTranspose2d(_ConvolutionLayer):
     def _kernel(self, x, weight, bias):
         return F.conv_transpose2d(x, weight, bias, stride=self.stride)
 
-    def _kernel_backward(self, grad_out, x, weight):
-        return F.conv_transpose2d_backward(grad_out, x, weight, stride=self.stride)
+    def _kernel_backward(self, grad_out, x, weight, input_gradient):
+        return F.conv_transpose2d_backward(grad_out, x, weight, stride=self.stride,
+                                           input_gradient=input_gradient)
 
     def output_shape(self, input_shape):
         n, _, h, w = input_shape
@@ -602,21 +609,23 @@ class DoubleConv(Module):
             x = layer.forward(x)
         return x
 
-    def backward(self, grad_out, overwrite: bool = False):
+    def backward(self, grad_out, overwrite: bool = False, input_gradient: bool = True):
         """dL/dx of the block. ``overwrite=True`` says the caller has no further use for
         ``grad_out`` (the U-Net passes gradients it made itself), so the block may write
-        over it; by default the caller's array is left as it was."""
+        over it; by default the caller's array is left as it was. With
+        ``input_gradient=False`` the first convolution skips dL/dx and None is returned."""
         # Reverse order: relu2, [bn2], conv2, relu1, [bn1], conv1. After the first layer every
         # gradient is a fresh array of this block's own that nothing else holds, so a ReLU
         # writes its result over it instead of into a new array.
-        for index, (_, layer) in enumerate(reversed(self.layers())):
+        layers = [layer for _, layer in reversed(self.layers())]
+        for index, layer in enumerate(layers[:-1]):
             # ... and only contiguous ones, the only kind the GPU kernel writes into.
             writable = (index > 0 or overwrite) and grad_out.flags.c_contiguous
             if isinstance(layer, ReLU) and writable:
                 grad_out = layer.backward(grad_out, out=grad_out)
             else:
                 grad_out = layer.backward(grad_out)
-        return grad_out
+        return layers[-1].backward(grad_out, input_gradient=input_gradient)  # conv1
 
     def output_shape(self, input_shape):
         for _, layer in self.layers():

@@ -114,11 +114,12 @@ class BatchSplit:
                              for n, s in zip(networks, shares, strict=True)])
         return np.concatenate(outputs)
 
-    def backward(self, grad_out):
-        """dL/d(output) -> dL/dx; the weight gradients of all shares are added into ``net``'s."""
+    def backward(self, grad_out, input_gradient: bool = True):
+        """dL/d(output) -> dL/dx (None with ``input_gradient=False``, as ``net.backward``);
+        the weight gradients of all shares are added into ``net``'s."""
         shares, self._shares = self._shares, None
         if shares is None:
-            return self.net.backward(grad_out)
+            return self.net.backward(grad_out, input_gradient=input_gradient)
         if not isinstance(grad_out, np.ndarray) or grad_out.shape[:1] != (shares[-1].stop,):
             raise ValueError(f"grad_out must be an array for the {shares[-1].stop} images of the "
                              f"last forward pass, got {getattr(grad_out, 'shape', grad_out)}")
@@ -126,14 +127,14 @@ class BatchSplit:
 
         def replica_backward(replica, share):
             replica.zero_grad()
-            return replica.backward(grad_out[share])
+            return replica.backward(grad_out[share], input_gradient=input_gradient)
 
-        tasks = [lambda: self.net.backward(grad_out[shares[0]])]
+        tasks = [lambda: self.net.backward(grad_out[shares[0]], input_gradient=input_gradient)]
         tasks += [lambda n=n, s=s: replica_backward(n, s)
                   for n, s in zip(networks[1:], shares[1:], strict=True)]
-        grad_x = np.concatenate(run_at_once(tasks))
+        grad_x = run_at_once(tasks)
         self._sum_gradients(networks)
-        return grad_x
+        return np.concatenate(grad_x) if input_gradient else None
 
     def _sum_gradients(self, networks) -> None:
         """Add the replicas' gradients into ``net``'s, the parameters dealt out to the

@@ -287,7 +287,7 @@ def training_step(net, optimizer, x, target, weight, step: int):
     loss, grad = softmax_cross_entropy(logits, target, weight)
     if not is_cupy_array(loss):
         loss = finite_loss(loss, step, optimizer.lr)
-    net.backward(grad)
+    net.backward(grad, input_gradient=False)
     optimizer.step()
     return loss
 

@@ -254,9 +254,10 @@ class UNet(Module):
 
     # --- backward, by hand -----------------------------------------------------------------
     @without_huge_pages()
-    def backward(self, grad_logits):
+    def backward(self, grad_logits, input_gradient: bool = True):
         """Back-propagate dL/d(logits); fill every parameter's ``.grad`` (accumulating) and
-        return dL/dx of shape (N, in_channels, H, W).
+        return dL/dx of shape (N, in_channels, H, W), or, with ``input_gradient=False``,
+        None: training needs no gradient for the images, and the first layer skips it.
 
         Read it bottom-up against :meth:`forward`: every forward step ``h = layer(h)``
         becomes ``grad = layer.backward(grad)`` in the reverse order.
@@ -286,7 +287,8 @@ class UNet(Module):
         for level in reversed(range(self.depth - 1)):
             grad_e = self.pool[level].backward(grad)  # a fresh array: the sum goes into it
             grad_e += grad_skips[level]
-            grad = self.encoder[level].backward(grad_e, overwrite=True)  # dL/d(input of l)
+            grad = self.encoder[level].backward(  # dL/d(input of l)
+                grad_e, overwrite=True, input_gradient=input_gradient or level > 0)
         return grad
 
     # --- summary ---------------------------------------------------------------------------

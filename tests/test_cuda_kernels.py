@@ -52,7 +52,7 @@ class Device:
 
         result = getattr(ops, op)(*map(moved, args), **{k: moved(v) for k, v in kwargs.items()})
         if isinstance(result, tuple):
-            return tuple(to_numpy(r) for r in result)
+            return tuple(None if r is None else to_numpy(r) for r in result)
         return None if result is None else to_numpy(result)
 
 
@@ -105,6 +105,11 @@ def test_conv2d_forward_and_backward(device, case, algorithm, dtype, rng):
     for actual, wanted in zip(got, F.conv2d_backward(grad_out, x, weight, **kwargs),
                               strict=True):
         assert_close(actual, wanted, dtype)
+    without_x = device("conv2d_backward", grad_out, x, weight, algorithm=algorithm,
+                       input_gradient=False, **kwargs)
+    assert without_x[0] is None
+    for actual, wanted in zip(without_x[1:], got[1:], strict=True):
+        assert_close(actual, wanted, dtype)
 
 
 TRANSPOSE_CASES = {
@@ -134,6 +139,11 @@ def test_conv_transpose2d_forward_and_backward(device, case, algorithm, dtype, r
                  **kwargs)
     wanted = F.conv_transpose2d_backward(grad_out, x, weight, **kwargs)
     for actual, oracle in zip(got, wanted, strict=True):
+        assert_close(actual, oracle, dtype)
+    without_x = device("conv_transpose2d_backward", grad_out, x, weight, algorithm=algorithm,
+                       input_gradient=False, **kwargs)
+    assert without_x[0] is None
+    for actual, oracle in zip(without_x[1:], wanted[1:], strict=True):
         assert_close(actual, oracle, dtype)
 
 
@@ -430,12 +440,16 @@ def test_every_kernel_is_launched_by_the_ops(on_emulator, rng):
                                   "conv_transpose2d_backward", "max_pool2d",
                                   "max_pool2d_backward"])
 def test_ops_take_the_arguments_of_the_numpy_kernels(name):
-    """minunet.functional forwards CuPy calls with the caller's arguments unchanged."""
-    def positional(function):
+    """minunet.functional forwards CuPy calls with the caller's arguments unchanged: the
+    same positional arguments, and every keyword-only one of the NumPy kernel (the ops may
+    have more, such as ``algorithm``)."""
+    def arguments(function, keyword_only):
         return [(p.name, p.default) for p in inspect.signature(function).parameters.values()
-                if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+                if (p.kind is inspect.Parameter.KEYWORD_ONLY) == keyword_only]
 
-    assert positional(getattr(ops, name)) == positional(inspect.unwrap(getattr(F, name)))
+    gpu, cpu = getattr(ops, name), inspect.unwrap(getattr(F, name))
+    assert arguments(gpu, False) == arguments(cpu, False)
+    assert set(arguments(cpu, True)) <= set(arguments(gpu, True))
 
 
 @pytest.mark.skipif(gpu_available(), reason="checks the message shown without a GPU")

@@ -534,6 +534,29 @@ def test_backward_route_by_channels_matches_torch(c_in, c_out, route, monkeypatc
     assert routes[-1] == route  # the input gradient's route, after the forward pass's
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("seed", range(460, 470))
+def test_backward_without_input_gradient_matches_torch(seed, transposed):
+    """``input_gradient=False`` returns None for grad_x and PyTorch's parameter gradients
+    for an input that does not require one (a first layer's data)."""
+    if transposed:
+        x, weight, bias, kwargs = random_conv_transpose_case(seed, small=False)
+        torch_op, backward, torch_kwargs = F.conv_transpose2d, mf.conv_transpose2d_backward, kwargs
+    else:
+        x, weight, bias, kwargs, torch_padding = random_conv_case(seed, small=False)
+        torch_op, backward = F.conv2d, mf.conv2d_backward
+        torch_kwargs = {**kwargs, "padding": torch_padding}
+    parameters = [torch.tensor(a, requires_grad=True) for a in (weight, bias)]
+    out = torch_op(torch.tensor(x), *parameters, **torch_kwargs)
+    grad_out = np.random.default_rng(seed).standard_normal(tuple(out.shape))
+    out.backward(torch.tensor(grad_out))
+    grad_x, *grads = backward(grad_out, x, weight, **kwargs, input_gradient=False)
+    assert grad_x is None
+    for name, actual, expected in zip(("grad_weight", "grad_bias"), grads, parameters,
+                                      strict=True):
+        assert_close(actual, expected.grad.numpy(), np.float64, name)
+
+
 @pytest.mark.parametrize("block_columns", [7, 4096])
 @pytest.mark.parametrize(("kernel", "dilation"), [((3, 3), (1, 1)), ((2, 3), (2, 1))])
 @pytest.mark.parametrize("contiguous", [True, False])

@@ -46,6 +46,18 @@ def test_split_batch_matches_torch(rng, batch, threads, padding):
     assert_gradients_match(net, torch_net, 1e-8)
 
 
+def test_split_batch_without_input_gradient_matches_torch(rng):
+    net, torch_net = twin_networks(**SMALL, padding="same", dtype="float64", seed=6)
+    size = net.valid_input_size(28)
+    x = rng.standard_normal((4, 2, size, size))
+    grad_logits = rng.standard_normal((4, 3, *[net.output_size(size)] * 2))
+    split = BatchSplit(net, threads=2)
+    split.forward(x)
+    assert split.backward(grad_logits, input_gradient=False) is None
+    torch_net(torch.from_numpy(x)).backward(torch.from_numpy(grad_logits))
+    assert_gradients_match(net, torch_net, 1e-8)
+
+
 def test_replicas_follow_weights_replaced_between_steps(rng):
     net, torch_net = twin_networks(**SMALL, padding="same", dtype="float64", seed=5)
     split = BatchSplit(net, threads=2)

@@ -57,6 +57,24 @@ def test_small_unet_matches_torch(rng, padding, batch_norm, dtype, device):
             assert_close_to(value, torch_state[name].numpy(), rtol, what=name)
 
 
+@pytest.mark.parametrize("device", ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("batch_norm", [False, True])
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_backward_without_input_gradient_matches_torch(rng, padding, batch_norm, device):
+    """As training runs it: no gradient for the images (None), and every parameter's
+    gradient PyTorch's for an input that requires none."""
+    net, torch_net = twin_networks(**SMALL, padding=padding, batch_norm=batch_norm,
+                                   dtype="float64", seed=2)
+    net.to(device)
+    size = net.valid_input_size(30)
+    x = rng.standard_normal((2, 2, size, size))
+    grad_logits = rng.standard_normal((2, 3, *[net.output_size(size)] * 2))
+    net.forward(to_device(x, device))
+    assert net.backward(to_device(grad_logits, device), input_gradient=False) is None
+    torch_net(torch.from_numpy(x)).backward(torch.from_numpy(grad_logits))
+    assert_gradients_match(net.to("numpy"), torch_net, TOLERANCE["float64"])
+
+
 @pytest.mark.parametrize("padding", ["valid", "same"])
 def test_eval_mode_with_batch_norm_and_dropout_matches_torch(rng, padding):
     net, torch_net = twin_networks(**SMALL, padding=padding, batch_norm=True, dropout=0.5,
@@ -347,7 +365,7 @@ def _peak_of_a_training_step(net, runner, rng) -> int:
     def step():
         runner.zero_grad()
         _, grad = losses.softmax_cross_entropy(runner.forward(x), target)
-        runner.backward(grad)
+        runner.backward(grad, input_gradient=False)  # as training runs it
         optimizer.step()
 
     step()

@@ -286,19 +286,21 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, *,
 
 
 def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, *,
-                    algorithm=DEFAULT_ALGORITHM):
+                    input_gradient=True, algorithm=DEFAULT_ALGORITHM):
     """Gradients of :func:`conv2d`: ``(grad_x, grad_weight, grad_bias)`` with the shapes of
     x (N, C, H, W), weight (K, C, R, S) and the bias (K,), given grad_out (N, K, P, Q); as
-    :func:`minunet.functional.conv2d_backward`."""
+    :func:`minunet.functional.conv2d_backward` (grad_x None with ``input_gradient=False``)."""
     geometry = conv2d_arguments(x, weight, None, stride, padding, dilation)
     check_grad_out(grad_out, (x.shape[0], weight.shape[0], *geometry.out_hw), x)
     _check_size(grad_out, x, weight)
     run = gpu_runner()
     sizes = ConvSizes.of(x.shape[0], x.shape[1], weight.shape[0], geometry)
     grad_out, x, weight = run.contiguous(grad_out), run.contiguous(x), run.contiguous(weight)
-    no_bias = run.zeros((x.shape[1],), x.dtype)
-    grad_x = _conv_pass(run, "input_grad", algorithm, sizes, (grad_out, weight, no_bias),
-                        run.empty(x.shape, x.dtype))
+    grad_x = None
+    if input_gradient:
+        no_bias = run.zeros((x.shape[1],), x.dtype)
+        grad_x = _conv_pass(run, "input_grad", algorithm, sizes, (grad_out, weight, no_bias),
+                            run.empty(x.shape, x.dtype))
     grad_weight = _conv_pass(run, "weight_grad", algorithm, sizes, (grad_out, x),
                              run.empty(weight.shape, x.dtype))
     return grad_x, grad_weight, channel_sum(grad_out)
@@ -353,10 +355,11 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
 
 
 def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_padding=0,
-                              dilation=1, *, algorithm=DEFAULT_ALGORITHM):
+                              dilation=1, *, input_gradient=True, algorithm=DEFAULT_ALGORITHM):
     """Gradients of :func:`conv_transpose2d`: ``(grad_x, grad_weight, grad_bias)``, given
-    grad_out (N, K, P, Q). grad_x is the forward convolution of grad_out,
-    grad_weight the convolution's weight gradient with the roles of x and grad_out swapped."""
+    grad_out (N, K, P, Q). grad_x is the forward convolution of grad_out (None with
+    ``input_gradient=False``), grad_weight the convolution's weight gradient with the roles
+    of x and grad_out swapped."""
     geometry = conv_transpose2d_arguments(x, weight, None, stride, padding, output_padding,
                                           dilation)
     check_grad_out(grad_out, (x.shape[0], weight.shape[1], *geometry.in_hw), x)
@@ -364,11 +367,12 @@ def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_p
     run = gpu_runner()
     sizes = ConvSizes.of(x.shape[0], weight.shape[1], weight.shape[0], geometry)
     grad_out, x, weight = run.contiguous(grad_out), run.contiguous(x), run.contiguous(weight)
-    grad_x, grad_weight = run.empty(x.shape, x.dtype), run.empty(weight.shape, x.dtype)
+    grad_x = run.empty(x.shape, x.dtype) if input_gradient else None
+    grad_weight = run.empty(weight.shape, x.dtype)
     if _uses_up_conv_kernels(geometry, algorithm):
         N, C, H, W = x.shape  # the letters of conv2d.cu
         up = _up_sizes(x, weight)
-        if N * H * W and C:
+        if input_gradient and N * H * W and C:
             kernel = run.kernel("conv2d.cu", f"up_conv2x2_input_grad_{algorithm}", x.dtype)
             kernel(_blocked_grid(C, N * H * W), (BLOCKED_THREADS,), (grad_out, weight, grad_x, *up))
         if grad_weight.size:
@@ -376,8 +380,9 @@ def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_p
             _split_k(run, kernel, C, 4 * weight.shape[1], N * H * W, (grad_out, x), grad_weight,
                      up)
     else:
-        no_bias = run.zeros((weight.shape[0],), x.dtype)
-        _conv_pass(run, "forward", algorithm, sizes, (grad_out, weight, no_bias), grad_x)
+        if input_gradient:
+            no_bias = run.zeros((weight.shape[0],), x.dtype)
+            _conv_pass(run, "forward", algorithm, sizes, (grad_out, weight, no_bias), grad_x)
         _conv_pass(run, "weight_grad", algorithm, sizes, (x, grad_out), grad_weight)
     return grad_x, grad_weight, channel_sum(grad_out)
 

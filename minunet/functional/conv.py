@@ -639,7 +639,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1):
 
 
 @dispatch_on_array_type
-def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1):
+def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, *,
+                    input_gradient=True):
     """Gradients of :func:`conv2d`, given the upstream gradient grad_out (N, C_out, H_out, W_out).
 
     Returns ``(grad_x, grad_weight, grad_bias)`` with the shapes of ``x``, ``weight`` and
@@ -648,12 +649,17 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1):
     * grad_weight = sum_n grad_out[n] @ im2col(x)[n].T  (a convolution of x with grad_out)
     * grad_x      = col2im(weight.T @ grad_out)        (the transposed convolution of grad_out)
     * grad_bias   = grad_out summed over n, i, j
+
+    With ``input_gradient=False`` grad_x is not computed and is None: a network's first
+    layer, whose input is the data, needs only its parameters' gradients.
     """
     geometry = conv2d_arguments(x, weight, None, stride, padding, dilation)
     check_grad_out(grad_out, (x.shape[0], weight.shape[0], *geometry.out_hw), x)
     c_out, c_in = weight.shape[:2]
     carried_back = _gradient_geometry(geometry)
-    if (carried_back is not None and c_out > c_in >= SHIFTED_MIN_CHANNELS
+    if not input_gradient:
+        grad_x, grad_weight = None, _weight_gradient(grad_out, x, geometry)
+    elif (carried_back is not None and c_out > c_in >= SHIFTED_MIN_CHANNELS
             and _shifted_products_pay(grad_out, carried_back)):
         # More output than input channels: grad_out reaches the input grid by shifted
         # products (the flipped kernel's convolution), and the weight gradient uses the

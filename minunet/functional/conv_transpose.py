@@ -126,7 +126,8 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
 
 @dispatch_on_array_type
 def conv_transpose2d_backward(
-    grad_out, x, weight, stride=1, padding=0, output_padding=0, dilation=1
+    grad_out, x, weight, stride=1, padding=0, output_padding=0, dilation=1, *,
+    input_gradient=True,
 ):
     """Gradients of :func:`conv_transpose2d` given ``grad_out`` (N, C_out, H_out, W_out).
 
@@ -138,6 +139,8 @@ def conv_transpose2d_backward(
     * grad_weight = conv2d's weight gradient with ``x`` as the upstream gradient and
       ``grad_out`` as the input;
     * grad_bias   = grad_out summed over n, i, j.
+
+    With ``input_gradient=False`` grad_x is not computed and is None.
     """
     geometry = conv_transpose2d_arguments(
         x, weight, None, stride, padding, output_padding, dilation
@@ -145,5 +148,6 @@ def conv_transpose2d_backward(
     check_grad_out(grad_out, (x.shape[0], weight.shape[1], *geometry.in_hw), x)
     # conv.py's _correlate(grad_out, weight) and _weight_gradient(x, grad_out) both read the
     # columns of grad_out: one pass over them serves the two products
-    grad_x, grad_weight = _column_products(grad_out, geometry, weight=weight, grad_out=x)
+    grad_x, grad_weight = _column_products(
+        grad_out, geometry, weight=weight if input_gradient else None, grad_out=x)
     return grad_x, grad_weight, grad_out.sum(axis=(0, 2, 3))
