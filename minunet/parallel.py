@@ -132,9 +132,9 @@ class BatchSplit:
         tasks = [lambda: self.net.backward(grad_out[shares[0]], input_gradient=input_gradient)]
         tasks += [lambda n=n, s=s: replica_backward(n, s)
                   for n, s in zip(networks[1:], shares[1:], strict=True)]
-        grad_x = run_at_once(tasks)
+        grad_x_of_shares = run_at_once(tasks)
         self._sum_gradients(networks)
-        return np.concatenate(grad_x) if input_gradient else None
+        return np.concatenate(grad_x_of_shares) if input_gradient else None
 
     def _sum_gradients(self, networks) -> None:
         """Add the replicas' gradients into ``net``'s, the parameters dealt out to the
