@@ -3,7 +3,8 @@
 In the book (built by jupyter-book with ``myst_nb``) :func:`glue` stores a value under a name
 so that the prose can quote it (``{glue:text}`name```). In a plain Jupyter, Colab or Binder
 session, where ``myst_nb`` is usually absent, the exported notebook already carries the
-values in its text, and :func:`glue` only shows the value when asked to.
+values in its text, and :func:`glue` only shows the value when asked to. The chapters'
+results tables are Markdown, made by :func:`markdown_table`.
 """
 
 from __future__ import annotations
@@ -39,3 +40,28 @@ def listing(function, docstring: bool = False):
         doc = definition.body[0]
         source = "".join(lines[: doc.lineno - 1] + lines[doc.end_lineno :])
     return Markdown(f"```python\n{source}```")
+
+
+def markdown_table(header, rows, above: str = ""):
+    """A Markdown table to display in a notebook: ``header`` (the column titles) over
+    ``rows`` (one sequence of cells each, as many as the titles; each cell shown as
+    ``str(cell)``), with the text ``above`` (Markdown, may be empty) before it.
+
+    A ``|`` inside a cell is escaped, so that it stays in its cell.
+    """
+    from IPython.display import Markdown
+
+    header = [str(title) for title in header]
+    lines = [_markdown_row(header), "|" + " --- |" * len(header)]
+    for index, row in enumerate(rows):
+        cells = [str(cell) for cell in row]
+        if len(cells) != len(header):
+            raise ValueError(f"rows[{index}] has {len(cells)} cells, expected "
+                             f"{len(header)} (one per title of header)")
+        lines.append(_markdown_row(cells))
+    text = "\n".join(lines)
+    return Markdown(f"{above}\n\n{text}" if above else text)
+
+
+def _markdown_row(cells) -> str:
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
