@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minunet.functional as mf
-from minunet.checks import conv_transpose2d_arguments
-from minunet.functional.im2col import col2im, tiles
+from minunet.checks import conv2d_arguments, conv_transpose2d_arguments
+from minunet.functional.im2col import col2im, column_blocks, tiles
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")  # torch's perf. note
 
@@ -210,6 +210,34 @@ def test_banded_im2col_matches_torch(seed, budget_rows, monkeypatch):
     bytes_per_row = x.shape[1] * kh * kw * x.shape[3] * x.itemsize  # an upper bound
     monkeypatch.setattr(conv_module, "COLUMN_BUDGET_BYTES", budget_rows * bytes_per_row // 2)
     check_conv_and_transpose_against_torch(seed, x, weight, bias, kwargs, torch_padding)
+
+
+@settings(max_examples=150, deadline=None)
+@given(batch=st.integers(1, 5), height=st.integers(1, 60), width=st.integers(1, 30),
+       block_pixels=st.integers(1, 400), parts=st.integers(1, 4))
+def test_column_blocks_cover_every_pixel_once_in_even_blocks(batch, height, width,
+                                                             block_pixels, parts):
+    """The blocks tile (images, output rows) exactly once; none exceeds the block size the
+    caller asked for nor the buffer size returned; their lengths differ by at most one image
+    or row; several bands of an image come in a multiple of ``parts`` as far as the rows go."""
+    geometry = conv2d_arguments(np.zeros((batch, 2, height + 2, width + 2), np.float32),
+                                np.zeros((3, 2, 3, 3), np.float32), None, 1, 0, 1)
+    blocks, size = column_blocks(geometry, batch, 2, np.float32, block_pixels, 2**30, parts)
+    covered = np.zeros((batch, height), int)
+    for images, rows, in_rows, block in blocks:
+        covered[images, rows] += 1
+        assert block.out_hw == (rows.stop - rows.start, width)
+        assert (in_rows.start, in_rows.stop) == (rows.start, rows.stop + 2)
+        pixels = (images.stop - images.start) * (rows.stop - rows.start) * width
+        assert pixels * 2 * 9 <= size
+        assert pixels <= max(block_pixels, width)  # at least one whole row
+    assert (covered == 1).all()
+    for axis in (0, 1):  # images, rows
+        lengths = {block[axis].stop - block[axis].start for block in blocks}
+        assert max(lengths) - min(lengths) <= 1
+    bands = len({(r.start, r.stop) for _, r, *_ in blocks})
+    if bands > 1:
+        assert bands % parts == 0 or bands == height
 
 
 @pytest.mark.parametrize("block_pixels", [1, 7, 64])

@@ -231,16 +231,16 @@ def _matmul_into(a, b, out):
         out[...] = (a @ b).reshape(out.shape[1], out.shape[0], *out.shape[2:]).swapaxes(0, 1)
 
 
-def _column_blocks(x, geometry: ConvGeometry):
-    """The blocks of im2col of x (N, C, H, W): ``(x_padded, blocks, size)``, where each
-    block is ``(images, output rows, padded-input rows, block geometry)`` (see
-    :func:`~minunet.functional.im2col.column_blocks`; one block per image, and None for the
-    last two, where the input already is its column matrix) and ``size`` the elements a
-    block's columns take."""
+def _column_blocks(x, geometry: ConvGeometry, shares: int):
+    """The blocks of im2col of x (N, C, H, W) for ``shares`` threads: ``(x_padded, blocks,
+    size)``, where each block is ``(images, output rows, padded-input rows, block
+    geometry)`` (see :func:`~minunet.functional.im2col.column_blocks`; one block per image,
+    and None for the last two, where the input already is its column matrix) and ``size``
+    the elements a block's columns take."""
     if _is_pointwise(geometry):
         return x, [(slice(n, n + 1), slice(None), None, None) for n in range(x.shape[0])], 0
     blocks, size = column_blocks(geometry, x.shape[0], x.shape[1], x.dtype, BLOCK_PIXELS,
-                                 COLUMN_BUDGET_BYTES)
+                                 COLUMN_BUDGET_BYTES, shares)
     return pad2d(x, geometry.padding), blocks, size
 
 
@@ -332,8 +332,10 @@ def _column_products(x, geometry: ConvGeometry, weight=None, grad_out=None):
     if weight is not None:
         weight_matrix = weight.reshape(weight.shape[0], -1)
         out = np.empty((x.shape[0], weight.shape[0], *geometry.out_hw), dtype=x.dtype)
-    x_padded, blocks, size = _column_blocks(x, geometry)
     columns = x.shape[1] * math.prod(geometry.kernel_size)  # K, the rows of each block
+    rows_out = weight.shape[0] if weight is not None else grad_out.shape[1]
+    shares = _shares(x.shape[0] * math.prod(geometry.out_hw) * columns * rows_out)
+    x_padded, blocks, size = _column_blocks(x, geometry, shares)
     if grad_out is not None:
         gradient_shape = (columns, grad_out.shape[1])  # the weight gradient, transposed
 
@@ -349,8 +351,6 @@ def _column_products(x, geometry: ConvGeometry, weight=None, grad_out=None):
                      accumulate=index > 0)
         return transposed
 
-    rows_out = weight.shape[0] if weight is not None else grad_out.shape[1]
-    shares = _shares(x.shape[0] * math.prod(geometry.out_hw) * columns * rows_out)
     if len(blocks) == 1 < shares:
         ((images, rows, cols),) = _columns(x_padded, geometry, blocks, size)
         products = []
@@ -489,10 +489,11 @@ def _input_gradient(grad_out, weight, geometry: ConvGeometry):
     grad_x_pad = (np.empty if tiled else np.zeros)(
         (batch, c_in, *geometry.padded_hw), dtype=grad_out.dtype
     )
-    blocks, size = column_blocks(
-        geometry, batch, c_in, grad_out.dtype, BLOCK_PIXELS, COLUMN_BUDGET_BYTES
-    )
     column_rows = weight_matrix_t.shape[0]
+    shares = _shares(batch * math.prod(geometry.out_hw) * c_out * column_rows)
+    # blocks that add onto each other's rows run on one thread (below): no need to even them
+    blocks, size = column_blocks(geometry, batch, c_in, grad_out.dtype, BLOCK_PIXELS,
+                                 COLUMN_BUDGET_BYTES, shares if tiled else 1)
 
     def work(share, run):
         buffer = _scratch_array("columns", (size,), grad_out.dtype)
@@ -504,7 +505,6 @@ def _input_gradient(grad_out, weight, geometry: ConvGeometry):
             col2im(grad_cols.reshape(column_rows, count, pixels).transpose(1, 0, 2), block,
                    out=grad_x_pad[images, :, in_rows], overwrite=tiled)
 
-    shares = _shares(batch * math.prod(geometry.out_hw) * c_out * column_rows)
     if len(blocks) == 1 < shares:  # one block, shared out by input channels
         ((images, out_rows, in_rows, block),) = blocks
         count, pixels = images.stop - images.start, math.prod(block.out_hw)
@@ -579,7 +579,8 @@ def _gradients_from_gradient_columns(grad_out, x, weight, carried_back: ConvGeom
     c_out, c_in, kh, kw = weight.shape
     flipped_matrix_t = _flipped_rows(weight).T  # (C_in, C_out*kH*kW), a transposed view
     grad_x = np.empty_like(x)
-    grad_out_padded, blocks, size = _column_blocks(grad_out, carried_back)
+    shares = _shares(x.shape[0] * math.prod(x.shape[2:]) * c_out * kh * kw * c_in)
+    grad_out_padded, blocks, size = _column_blocks(grad_out, carried_back, shares)
 
     def work(share, run):
         grad_w_flipped = _scratch_array(f"weight_gradient_{share}", (c_out * kh * kw, c_in),
@@ -591,7 +592,6 @@ def _gradients_from_gradient_columns(grad_out, x, weight, carried_back: ConvGeom
                  accumulate=index > 0)
         return grad_w_flipped
 
-    shares = _shares(x.shape[0] * math.prod(x.shape[2:]) * c_out * kh * kw * c_in)
     if len(blocks) == 1 < shares:
         ((images, rows, gcols),) = _columns(grad_out_padded, carried_back, blocks, size)
         grad_w_flipped = _scratch_array("weight_gradient_0", (c_out * kh * kw, c_in), x.dtype)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from minunet.checks import ConvGeometry
+from minunet.functional.threads import split
 
 
 def tap(x, a: int, b: int, geometry: ConvGeometry):
@@ -113,13 +114,19 @@ def tiles(geometry: ConvGeometry) -> bool:
 
 
 def column_blocks(geometry: ConvGeometry, batch: int, channels: int, dtype,
-                  block_pixels: int, budget_bytes: int):
+                  block_pixels: int, budget_bytes: int, parts: int = 1):
     """Split the output pixels into blocks for im2col: whole images when an image has fewer
     than ``block_pixels`` output pixels, else bands of whole output rows.
 
-    A block holds about ``block_pixels`` output pixels (so its column matrix is wide enough
-    for a fast matrix product), but never more than ``budget_bytes`` of columns
-    (``C*kH*kW`` rows), and at least one row.
+    A block holds at most about ``block_pixels`` output pixels (so its column matrix is wide
+    enough for a fast matrix product), but never more than ``budget_bytes`` of columns
+    (``C*kH*kW`` rows), and at least one row. The blocks are of one size, give or take an
+    image or a row, and where an image (or the batch) takes several their number is rounded
+    up to a multiple of ``parts`` (as far as the rows or images go): dealt out to ``parts``
+    threads in equal runs of consecutive blocks, each thread gets the same work. (Three
+    bands of 18 rows on two threads would leave one idle for a third of the time: the
+    backward pass of the paper's 512-channel layer on 54x54 maps took 151 ms in those
+    bands, 127 ms in four of 14 and 13 rows.)
 
     Returns ``(blocks, size)``: a list of ``(images, output rows, padded-input rows, block
     geometry)`` (slices, and the geometry of the block as seen by :func:`im2col` and
@@ -129,18 +136,24 @@ def column_blocks(geometry: ConvGeometry, batch: int, channels: int, dtype,
     (kh, kw), (h_out, w_out) = geometry.kernel_size, geometry.out_hw
     column_bytes = channels * kh * kw * np.dtype(dtype).itemsize
     pixels = min(block_pixels, budget_bytes // column_bytes)
-    images = max(1, min(batch, pixels // (h_out * w_out)))
-    rows = max(1, min(h_out, pixels // w_out))
+    image_runs = _equal_runs(batch, max(1, pixels // (h_out * w_out)), parts)
+    row_runs = _equal_runs(h_out, max(1, pixels // w_out), parts)
     blocks = []
-    for first_image in range(0, batch, images):
-        for start in range(0, h_out, rows):
-            stop = min(start + rows, h_out)
-            first_rows, _ = receptive_field(start, 0, geometry)
-            last_rows, _ = receptive_field(stop - 1, 0, geometry)
-            blocks.append((
-                slice(first_image, min(first_image + images, batch)),
-                slice(start, stop),
-                slice(first_rows.start, last_rows.stop),
-                geometry._replace(out_hw=(stop - start, w_out)),
-            ))
+    for images in image_runs:
+        for rows in row_runs:
+            first_rows, _ = receptive_field(rows.start, 0, geometry)
+            last_rows, _ = receptive_field(rows.stop - 1, 0, geometry)
+            blocks.append((images, rows, slice(first_rows.start, last_rows.stop),
+                           geometry._replace(out_hw=(rows.stop - rows.start, w_out))))
+    images, rows = (max(run.stop - run.start for run in runs)
+                    for runs in (image_runs, row_runs))
     return blocks, images * rows * w_out * channels * kh * kw
+
+
+def _equal_runs(total: int, most: int, parts: int) -> list[slice]:
+    """``range(total)`` in as few runs of at most ``most`` as a multiple of ``parts`` allows
+    (one run where one is enough), of lengths within one of each other."""
+    count = -(-total // most)
+    if count > 1:
+        count = parts * -(-count // parts)
+    return split(total, count)
