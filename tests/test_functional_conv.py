@@ -214,15 +214,19 @@ def test_banded_im2col_matches_torch(seed, budget_rows, monkeypatch):
 
 @settings(max_examples=150, deadline=None)
 @given(batch=st.integers(1, 5), height=st.integers(1, 60), width=st.integers(1, 30),
-       block_pixels=st.integers(1, 400), parts=st.integers(1, 4))
+       block_pixels=st.integers(1, 400), parts=st.integers(1, 4),
+       least_bytes=st.sampled_from([0, 1000, 30000]))
 def test_column_blocks_cover_every_pixel_once_in_even_blocks(batch, height, width,
-                                                             block_pixels, parts):
+                                                             block_pixels, parts, least_bytes):
     """The blocks tile (images, output rows) exactly once; none exceeds the block size the
-    caller asked for nor the buffer size returned; their lengths differ by at most one image
-    or row; several bands of an image come in a multiple of ``parts`` as far as the rows go."""
+    caller asked for (in pixels, or in bytes of columns where that is more) nor the buffer
+    size returned; their lengths differ by at most one image or row; several bands of an
+    image come in a multiple of ``parts`` as far as the rows go."""
     geometry = conv2d_arguments(np.zeros((batch, 2, height + 2, width + 2), np.float32),
                                 np.zeros((3, 2, 3, 3), np.float32), None, 1, 0, 1)
-    blocks, size = column_blocks(geometry, batch, 2, np.float32, block_pixels, 2**30, parts)
+    blocks, size = column_blocks(geometry, batch, 2, np.float32, block_pixels, 2**30, parts,
+                                 least_bytes)
+    block_pixels = max(block_pixels, least_bytes // (2 * 9 * 4))
     covered = np.zeros((batch, height), int)
     for images, rows, in_rows, block in blocks:
         covered[images, rows] += 1
@@ -240,6 +244,20 @@ def test_column_blocks_cover_every_pixel_once_in_even_blocks(batch, height, widt
         assert bands % parts == 0 or bands == height
 
 
+def test_thin_columns_come_in_blocks_of_least_bytes():
+    """A first layer's columns (one channel, nine rows: 36 bytes a pixel) in blocks of at
+    least ``least_bytes``: four 128x128 images in one block each on two threads, instead of
+    bands of 1024 pixels (eight rows, 64 blocks)."""
+    geometry = conv2d_arguments(np.zeros((4, 1, 128, 128), np.float32),
+                                np.zeros((32, 1, 3, 3), np.float32), None, 1, 1, 1)
+    bands, _ = column_blocks(geometry, 4, 1, np.float32, 1024, 2**30, 2)
+    assert len(bands) == 64
+    blocks, size = column_blocks(geometry, 4, 1, np.float32, 1024, 2**30, 2, 2**20)
+    assert [(images.start, images.stop, rows.start, rows.stop)
+            for images, rows, *_ in blocks] == [(n, n + 1, 0, 128) for n in range(4)]
+    assert size == 9 * 128 * 128
+
+
 @pytest.mark.parametrize("block_pixels", [1, 7, 64])
 @pytest.mark.parametrize("seed", range(420, 428))
 def test_small_blocks_match_torch(seed, block_pixels, monkeypatch):
@@ -248,6 +266,7 @@ def test_small_blocks_match_torch(seed, block_pixels, monkeypatch):
     import minunet.functional.conv as conv_module
 
     monkeypatch.setattr(conv_module, "BLOCK_PIXELS", block_pixels)
+    monkeypatch.setattr(conv_module, "BLOCK_LEAST_BYTES", 0)
     x, weight, bias, kwargs, torch_padding = random_conv_case(seed, small=False)
     kwargs["stride"] = (1, 1)  # the shifted products and gradient columns need stride 1
     check_conv_and_transpose_against_torch(seed, x, weight, bias, kwargs, torch_padding)
@@ -703,6 +722,7 @@ def test_blocks_shared_out_to_threads_match_torch(seed, shares, monkeypatch):
     import minunet.functional.conv as conv_module
 
     monkeypatch.setattr(conv_module, "BLOCK_PIXELS", 5)
+    monkeypatch.setattr(conv_module, "BLOCK_LEAST_BYTES", 0)
     x, weight, bias, kwargs, torch_padding = random_conv_case(seed, small=False)
     if seed % 2:
         kwargs["stride"] = (1, 1)  # the gradient columns need stride 1

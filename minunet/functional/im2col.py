@@ -114,16 +114,20 @@ def tiles(geometry: ConvGeometry) -> bool:
 
 
 def column_blocks(geometry: ConvGeometry, batch: int, channels: int, dtype,
-                  block_pixels: int, budget_bytes: int, parts: int = 1):
+                  block_pixels: int, budget_bytes: int, parts: int = 1, least_bytes: int = 0):
     """Split the output pixels into blocks for im2col: whole images when an image has fewer
-    than ``block_pixels`` output pixels, else bands of whole output rows.
+    than a block's pixels, else bands of whole output rows.
 
     A block holds at most about ``block_pixels`` output pixels (so its column matrix is wide
-    enough for a fast matrix product), but never more than ``budget_bytes`` of columns
-    (``C*kH*kW`` rows), and at least one row. The blocks are of one size, give or take an
-    image or a row, and where an image (or the batch) takes several their number is rounded
-    up to a multiple of ``parts`` (as far as the rows or images go): dealt out to ``parts``
-    threads in equal runs of consecutive blocks, each thread gets the same work. (Three
+    enough for a fast matrix product), or as many as make ``least_bytes`` of columns where
+    that is more (a few rows of columns, as a first layer's one input channel makes, are
+    filled and multiplied so fast that each block's fixed cost would dominate), but never
+    more than ``budget_bytes`` of columns (``C*kH*kW`` rows), and at least one row.
+
+    The blocks are of one size, give or take an image or a row, and where an image (or the
+    batch) takes several their number is rounded up to a multiple of ``parts`` (as far as
+    the rows or images go): dealt out to ``parts`` threads in equal runs of consecutive
+    blocks, each thread gets the same work. (Three
     bands of 18 rows on two threads would leave one idle for a third of the time: the
     backward pass of the paper's 512-channel layer on 54x54 maps took 151 ms in those
     bands, 127 ms in four of 14 and 13 rows.)
@@ -135,7 +139,7 @@ def column_blocks(geometry: ConvGeometry, batch: int, channels: int, dtype,
     """
     (kh, kw), (h_out, w_out) = geometry.kernel_size, geometry.out_hw
     column_bytes = channels * kh * kw * np.dtype(dtype).itemsize
-    pixels = min(block_pixels, budget_bytes // column_bytes)
+    pixels = min(max(block_pixels, least_bytes // column_bytes), budget_bytes // column_bytes)
     image_runs = _equal_runs(batch, max(1, pixels // (h_out * w_out)), parts)
     row_runs = _equal_runs(h_out, max(1, pixels // w_out), parts)
     blocks = []
