@@ -123,7 +123,7 @@ LADDER = [
       (conv_kernels, "BLOCK_PIXELS"): 2**40}),
     ("+ backward from one im2col of grad_out",
      {**BEFORE_SHIFTED, (conv_kernels, "BLOCK_PIXELS"): 2**40}),
-    ("+ blocks of about 1024 pixels", BEFORE_SHIFTED),
+    ("+ blocks of 512 pixels and more", BEFORE_SHIFTED),
     ("+ shifted products (NumPy: each product, then a sum)",
      {**NUMPY_GEMM, **BRANCHING_RELU_GRADIENT, **LATER}),
     ("+ BLAS adds each product in place (gemm, beta = 1)",

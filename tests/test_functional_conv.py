@@ -258,15 +258,55 @@ def test_thin_columns_come_in_blocks_of_least_bytes():
     assert size == 9 * 128 * 128
 
 
+def force_blocks_of(monkeypatch, pixels):
+    """Blocks of about ``pixels`` output pixels, whatever their columns and weight gradient."""
+    import minunet.functional.conv as conv_module
+
+    monkeypatch.setattr(conv_module, "BLOCK_PIXELS", pixels)
+    monkeypatch.setattr(conv_module, "BLOCK_LEAST_BYTES", 0)
+    monkeypatch.setattr(conv_module, "PIXELS_PER_GRADIENT_COLUMN", 0)
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "gradient_columns"), [
+    (8, 8, [8]),  # gradient columns: the (C_out*9, C_in) weight gradient of a thin layer
+    (256, 256, [256]),  # the same, wide
+    (128, 512, [0, 512]),  # col2im (no sum), then im2col of x: the gradient (C_in*9, C_out)
+])
+def test_blocks_widen_with_the_weight_gradient_they_add_to(c_in, c_out, gradient_columns,
+                                                           monkeypatch):
+    """The backward pass asks for blocks of at least PIXELS_PER_GRADIENT_COLUMN pixels per
+    column of the weight gradient each block's product adds onto (BLOCK_PIXELS at least);
+    the forward pass, which adds onto none, for BLOCK_PIXELS."""
+    import minunet.functional.conv as conv_module
+
+    asked = {"forward": [], "backward": []}
+    original = conv_module.column_blocks
+
+    def recording(geometry, batch, channels, dtype, block_pixels, *args):
+        asked[phase].append(block_pixels)
+        return original(geometry, batch, channels, dtype, block_pixels, *args)
+
+    monkeypatch.setattr(conv_module, "column_blocks", recording)
+    monkeypatch.setattr(conv_module, "SHIFTED_MIN_CHANNELS", 10**6)  # im2col both ways
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, c_in, 6, 6)).astype(np.float32)
+    weight = rng.standard_normal((c_out, c_in, 3, 3)).astype(np.float32)
+    phase = "forward"
+    out = mf.conv2d(x, weight, padding=1)
+    phase = "backward"
+    mf.conv2d_backward(np.ones_like(out), x, weight, padding=1)
+    least = conv_module.BLOCK_PIXELS
+    assert asked == {"forward": [least], "backward": [
+        max(least, conv_module.PIXELS_PER_GRADIENT_COLUMN * c) for c in gradient_columns]}
+    assert conv_module.PIXELS_PER_GRADIENT_COLUMN * 256 > least  # the wide case widens
+
+
 @pytest.mark.parametrize("block_pixels", [1, 7, 64])
 @pytest.mark.parametrize("seed", range(420, 428))
 def test_small_blocks_match_torch(seed, block_pixels, monkeypatch):
     """Force the block-wise paths on small images: several blocks per image (shifted
     products, gradient columns, row bands), several images per block, and single rows."""
-    import minunet.functional.conv as conv_module
-
-    monkeypatch.setattr(conv_module, "BLOCK_PIXELS", block_pixels)
-    monkeypatch.setattr(conv_module, "BLOCK_LEAST_BYTES", 0)
+    force_blocks_of(monkeypatch, block_pixels)
     x, weight, bias, kwargs, torch_padding = random_conv_case(seed, small=False)
     kwargs["stride"] = (1, 1)  # the shifted products and gradient columns need stride 1
     check_conv_and_transpose_against_torch(seed, x, weight, bias, kwargs, torch_padding)
@@ -719,10 +759,7 @@ def test_small_kernels_run_in_the_calling_thread(shares, monkeypatch):
 def test_blocks_shared_out_to_threads_match_torch(seed, shares, monkeypatch):
     """Runs of blocks on several threads: im2col products, the weight gradient summed from
     each thread's part, gradient columns, tiled col2im."""
-    import minunet.functional.conv as conv_module
-
-    monkeypatch.setattr(conv_module, "BLOCK_PIXELS", 5)
-    monkeypatch.setattr(conv_module, "BLOCK_LEAST_BYTES", 0)
+    force_blocks_of(monkeypatch, 5)
     x, weight, bias, kwargs, torch_padding = random_conv_case(seed, small=False)
     if seed % 2:
         kwargs["stride"] = (1, 1)  # the gradient columns need stride 1
