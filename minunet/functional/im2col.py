@@ -127,10 +127,9 @@ def column_blocks(geometry: ConvGeometry, batch: int, channels: int, dtype,
     The blocks are of one size, give or take an image or a row, and where an image (or the
     batch) takes several their number is rounded up to a multiple of ``parts`` (as far as
     the rows or images go): dealt out to ``parts`` threads in equal runs of consecutive
-    blocks, each thread gets the same work. (Three
-    bands of 18 rows on two threads would leave one idle for a third of the time: the
-    backward pass of the paper's 512-channel layer on 54x54 maps took 151 ms in those
-    bands, 127 ms in four of 14 and 13 rows.)
+    blocks, each thread gets the same work. (Three bands of 18 rows on two threads would
+    leave one idle for a third of the time: the backward pass of the paper's 512-channel
+    layer on 54x54 maps took 151 ms in those bands, 127 ms in four of 14 and 13 rows.)
 
     Returns ``(blocks, size)``: a list of ``(images, output rows, padded-input rows, block
     geometry)`` (slices, and the geometry of the block as seen by :func:`im2col` and
