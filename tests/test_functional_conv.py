@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import minunet.functional as mf
 from minunet.checks import conv2d_arguments, conv_transpose2d_arguments
-from minunet.functional.im2col import col2im, column_blocks, tiles
+from minunet.functional.im2col import col2im, column_blocks, pad2d, tiles
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")  # torch's perf. note
 
@@ -242,6 +242,22 @@ def test_column_blocks_cover_every_pixel_once_in_even_blocks(batch, height, widt
     bands = len({(r.start, r.stop) for _, r, *_ in blocks})
     if bands > 1:
         assert bands % parts == 0 or bands == height
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 7),
+                       st.integers(1, 7)),
+       padding=st.tuples(st.tuples(st.integers(0, 3), st.integers(0, 3)),
+                         st.tuples(st.integers(0, 3), st.integers(0, 3))),
+       value=st.sampled_from([0.0, -np.inf, 2.5]))
+def test_pad2d_matches_numpy_pad(shape, padding, value):
+    """pad2d is np.pad of the last two axes with a constant, and x itself for no padding."""
+    x = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+    padded = pad2d(x, padding, value)
+    np.testing.assert_array_equal(
+        padded, np.pad(x, ((0, 0), (0, 0), *padding), constant_values=value))
+    assert padded.dtype == x.dtype
+    assert (padded is x) == (padding == ((0, 0), (0, 0)))
 
 
 def test_thin_columns_come_in_blocks_of_least_bytes():

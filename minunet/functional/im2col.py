@@ -47,10 +47,21 @@ def pad2d(x, padding, value=0.0):
     """Pad the last two axes by ``padding = ((top, bottom), (left, right))`` with ``value``.
 
     Returns ``x`` itself (not a copy) when there is nothing to pad; callers never write to it.
+    The same as ``np.pad(x, ((0, 0), (0, 0), *padding), constant_values=value)``, written
+    as five slice assignments: np.pad spends about 15 microseconds in Python per call, which
+    on the deep levels' small maps was a third of a backward pass's fixed cost.
     """
     if not any(padding[0] + padding[1]):
         return x
-    return np.pad(x, ((0, 0), (0, 0), *padding), constant_values=value)
+    (top, bottom), (left, right) = padding
+    *leading, h, w = x.shape
+    out = np.empty((*leading, h + top + bottom, w + left + right), dtype=x.dtype)
+    out[..., top : top + h, left : left + w] = x
+    out[..., :top, :] = value
+    out[..., top + h :, :] = value
+    out[..., top : top + h, :left] = value
+    out[..., top : top + h, left + w :] = value
+    return out
 
 
 def crop2d(x_padded, geometry: ConvGeometry):
