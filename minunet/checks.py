@@ -10,6 +10,7 @@ attributes (``shape``, ``dtype``), so they serve NumPy and CuPy arrays equally.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -28,6 +29,7 @@ from minunet.shapes import (
 )
 
 FLOAT_DTYPES = ("float32", "float64")
+_FLOAT_DTYPE_CHARS = "fd"  # np.dtype(...).char of FLOAT_DTYPES: a cheaper attribute than .name
 
 
 def float_dtype(dtype) -> np.dtype:
@@ -69,15 +71,21 @@ def check_float_array(x, name: str, layout: str):
     """
     if not (hasattr(x, "shape") and hasattr(x, "dtype")):
         raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(x).__name__}")
-    if x.dtype.name not in FLOAT_DTYPES:
+    if x.dtype.char not in _FLOAT_DTYPE_CHARS:
         raise TypeError(
             f"{name} must have dtype float32 or float64, got {x.dtype} "
             f"(convert it first, e.g. {name}.astype(np.float32))"
         )
-    ndim = len([axis for axis in layout.strip("()").split(",") if axis.strip()])
+    ndim = _axis_count(layout)
     if x.ndim != ndim:
         raise ValueError(f"{name} must be a {ndim}-D array {layout}, got shape {tuple(x.shape)}")
     return x
+
+
+@functools.cache
+def _axis_count(layout: str) -> int:
+    """The axes of a layout such as ``"(N, C, H, W)"`` or ``"(C_out,)"``."""
+    return len([axis for axis in layout.strip("()").split(",") if axis.strip()])
 
 
 def check_floating(name: str, x) -> None:

@@ -43,6 +43,8 @@ CASES = [
     (CONV, (X.astype(np.int64), W), {}, TypeError, r"x must have dtype float32 or float64"),
     (CONV, (X, W.astype(bool)), {}, TypeError, r"weight must have dtype float32 or float64"),
     (CONV, (X.astype(complex), W), {}, TypeError, r"x must have dtype float32 or float64"),
+    (CONV, (X.astype(np.float16), W), {}, TypeError, r"x must have dtype float32 or float64"),
+    (CONV, (X, W.astype(np.longdouble)), {}, TypeError, r"weight must have dtype float32 or"),
     (CONV, (X, W.astype(np.float32)), {}, TypeError, r"weight has dtype float32 but x .*float64"),
     (CONV, (X, W, np.zeros(4, np.float32)), {}, TypeError, r"bias has dtype float32"),
     (CONV_BACKWARD, (G[:, :, :5], X, W), {}, ValueError, r"grad_out must have the shape .*6, 6"),
