@@ -29,7 +29,8 @@ from minunet.shapes import (
 )
 
 FLOAT_DTYPES = ("float32", "float64")
-_FLOAT_DTYPE_CHARS = "fd"  # np.dtype(...).char of FLOAT_DTYPES: a cheaper attribute than .name
+# the one-letter codes of FLOAT_DTYPES ("fd"): dtype.char is a cheaper read than dtype.name
+_FLOAT_DTYPE_CHARS = "".join(np.dtype(name).char for name in FLOAT_DTYPES)
 
 
 def float_dtype(dtype) -> np.dtype:
