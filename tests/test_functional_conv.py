@@ -614,10 +614,10 @@ def test_shifted_products_match_torch(seed, block_columns, backend, monkeypatch)
                                                      (16, 8, "columns"), (1, 16, "col2im")])
 def test_backward_route_by_channels_matches_torch(c_in, c_out, route, monkeypatch):
     """The input gradient goes by shifted products only with more output than input
-    channels, enough input channels for their rows and few junk outputs; with as many or fewer output
-    channels both gradients come from one im2col of grad_out (as large as x's columns when
-    the counts are equal); a single input channel takes col2im. Either way the numbers
-    are PyTorch's."""
+    channels, enough input channels for their rows and few junk outputs; with as many or
+    fewer output channels both gradients come from one im2col of grad_out (as large as x's
+    columns when the counts are equal); a single input channel takes col2im. Either way the
+    numbers are PyTorch's."""
     import minunet.functional.conv as conv_module
 
     routes = []
